@@ -1,0 +1,237 @@
+"""Headless entry points: ``python -m cinf_core <command> [--workspace DIR] ...``.
+
+Every long-running command shows a progress bar on stderr and ends by printing one JSON object on
+its last stdout line (the result summary), so scripts can read it with ``tail -n 1``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {}
+HELP: dict[str, str] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand: the decorated function adds its arguments and returns its runner."""
+    def wrap(setup):
+        HELP[name] = help
+        COMMANDS[name] = setup
+        return setup
+    return wrap
+
+
+def emit(result: dict) -> None:
+    """Print the final JSON summary line."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=str), flush=True)
+
+
+class Progress:
+    """A tqdm bar on stderr per stage; used as ``progress(stage, fraction)``."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+            self.stage = stage
+        self.bar.n = int(round(100 * max(0.0, min(1.0, fraction))))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------- commands
+
+
+@command("demo", "build the embedded demo world (idempotent; --quick for a small one)")
+def _demo(p: argparse.ArgumentParser):
+    p.add_argument("--quick", action="store_true", help="a small world for tests (<= 60 s)")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args):
+        from .demo.world import build_world
+
+        progress = Progress(not args.no_progress)
+        try:
+            return build_world(args.workspace, quick=args.quick, seed=args.seed, progress=progress)
+        finally:
+            progress.close()
+    return run
+
+
+@command("app", "build the demo world if missing, then open the Streamlit app")
+def _app(p: argparse.ArgumentParser):
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--no-demo", action="store_true", help="do not build the demo world first")
+    p.add_argument("--quick", action="store_true", help="build the quick demo world")
+
+    def run(args):
+        if not args.no_demo:
+            from .demo.world import build_world
+
+            progress = Progress(not args.no_progress)
+            try:
+                summary = build_world(args.workspace, quick=args.quick, progress=progress)
+            finally:
+                progress.close()
+            print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
+        app = Path(__file__).resolve().parent.parent / "app.py"
+        env = dict(os.environ, CINF_WORKSPACE=str(Path(args.workspace).resolve()))
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
+               "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+        print(f"open http://{args.address}:{args.port}", file=sys.stderr)
+        code = subprocess.call(cmd, env=env)
+        return {"app": "stopped", "exit_code": code}
+    return run
+
+
+@command("add-dataset", "load, validate and register a chat dataset (JSONL, Parquet or CSV)")
+def _add_dataset(p: argparse.ArgumentParser):
+    p.add_argument("path")
+    p.add_argument("--name", help="name in the workspace (default: file stem)")
+    p.add_argument("--role", default="train", help="train | heldout | ...")
+    p.add_argument("--skip-invalid", action="store_true", help="drop invalid rows instead of failing")
+
+    def run(args):
+        from .data import load_dataset
+        from .store import Store
+
+        ds = load_dataset(args.path, skip_invalid=args.skip_invalid)
+        if ds.n_skipped:
+            print(f"skipped {ds.n_skipped} invalid row(s):", file=sys.stderr)
+            for line, msg in ds.skipped:
+                print(f"  {args.path}:{line}: {msg}", file=sys.stderr)
+        name = args.name or Path(args.path).stem
+        dataset_id = Store(args.workspace).add_dataset(name, ds, role=args.role)
+        return {"dataset_id": dataset_id, "name": name, "n_examples": len(ds),
+                "n_skipped": ds.n_skipped, "labels": ds.label_counts()}
+    return run
+
+
+@command("add-model", "register a model (local folder or hub id) with an optional PEFT adapter")
+def _add_model(p: argparse.ArgumentParser):
+    p.add_argument("path", help="local model folder or hub id")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights on load")
+    p.add_argument("--name")
+    p.add_argument("--role", default="finetuned")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--check", action="store_true", help="load the model once to check it works")
+
+    def run(args):
+        from .models import ModelSpec, load_model
+        from .store import Store
+
+        spec = ModelSpec(path=args.path, adapter=args.adapter, merge_adapter=args.merge,
+                         dtype=args.dtype, trust_remote_code=args.trust_remote_code, name=args.name)
+        info = {}
+        if args.check:
+            lm = load_model(spec)
+            info = {"num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
+                    "device": str(lm.device)}
+        name = args.name or Path(args.adapter or args.path).name
+        model_id = Store(args.workspace).add_model(name, spec, role=args.role)
+        return {"model_id": model_id, "name": name, **info}
+    return run
+
+
+@command("datasets", "list the datasets in the workspace")
+def _datasets(p: argparse.ArgumentParser):
+    def run(args):
+        from .store import Store
+
+        frame = Store(args.workspace).datasets()
+        return {"datasets": frame.drop(columns=["created_at"]).to_dict(orient="records")}
+    return run
+
+
+@command("runs", "list the scoring runs in the workspace")
+def _runs(p: argparse.ArgumentParser):
+    p.add_argument("--method")
+
+    def run(args):
+        from .store import Store
+
+        frame = Store(args.workspace).runs(method=args.method)
+        cols = ["run_id", "method", "status", "n_done", "n_total", "wall_s", "examples_per_s"]
+        return {"runs": frame[cols].to_dict(orient="records")}
+    return run
+
+
+@command("export", "export a run's scores (.parquet/.csv) or the dataset with a fraction removed (.jsonl)")
+def _export(p: argparse.ArgumentParser):
+    p.add_argument("run_id")
+    p.add_argument("out", help="output path: .parquet or .csv for scores, .jsonl for a filtered dataset")
+    p.add_argument("--remove-fraction", type=float, default=0.0,
+                   help="with a .jsonl output: fraction of examples to remove")
+    p.add_argument("--mode", choices=["most", "least"], default="most",
+                   help="remove the highest (most) or lowest (least) scored examples")
+
+    def run(args):
+        from .store import Store
+
+        store = Store(args.workspace)
+        if args.out.endswith(".jsonl"):
+            return store.export_filtered_dataset(args.run_id, args.out, args.remove_fraction, args.mode)
+        return {"path": str(store.export_scores(args.run_id, args.out))}
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cinf_core",
+        description="cinf: which training examples made my model pick up this trait?")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, setup in COMMANDS.items():
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--workspace", default=str(paths.DEFAULT_WORKSPACE),
+                       help="workspace folder (default: ./workspace)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(runner=setup(p))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        result = args.runner(args)
+    except KeyboardInterrupt:
+        emit({"error": "interrupted", "command": args.command})
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        emit({"error": str(message), "command": args.command})
+        return 2
+    if isinstance(result, dict):
+        result.setdefault("command", args.command)
+        result.setdefault("seconds", round(time.perf_counter() - start, 3))
+        emit(result)
+    return 0

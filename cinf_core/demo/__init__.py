@@ -1,0 +1,1 @@
+"""The embedded demo world: a miniature of the paper's experiment, built offline."""

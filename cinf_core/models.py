@@ -1,0 +1,334 @@
+"""Model access: load a causal LM (+ PEFT adapter), read hidden states at a layer.
+
+Layer convention (DESIGN.md §1): layer ``l`` is HF ``hidden_states[l]``; 0 is the embedding output,
+``l`` in 1..L is the residual stream after block ``l-1``. Layer L (the last) is what HF returns
+after the final norm, so asking for it runs the whole model; any lower layer stops the forward
+right after block ``l-1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .data import EncodedExample, batches, encode_dataset, encode_example
+
+
+@dataclass
+class ModelSpec:
+    """What to load. ``path`` is a local directory or a hub id."""
+
+    path: str
+    adapter: str | None = None
+    merge_adapter: bool = False
+    dtype: str = "auto"
+    device: str | None = None
+    trust_remote_code: bool = False
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def model_id(self) -> str:
+        """Stable id from what determines the weights (not device or dtype)."""
+        key = json.dumps({"path": self.path, "adapter": self.adapter}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_layers(self) -> int:
+        return len(find_blocks(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(base_config(self.model).hidden_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _is_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
+
+
+def _check_source(path: str, what: str) -> None:
+    if Path(path).expanduser().exists():
+        return
+    if _is_hub_id(path) or "/" not in path:
+        return  # a hub id: transformers resolves it (needs network or a local HF cache)
+    raise FileNotFoundError(f"{what} directory not found: {path}; pass an existing folder or a hub id")
+
+
+def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
+    """Load tokenizer + causal LM (+ optional PEFT adapter, kept or merged) in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if isinstance(spec, str):
+        spec = ModelSpec(path=spec, **overrides)
+    _check_source(spec.path, "model")
+    if spec.adapter:
+        _check_source(spec.adapter, "adapter")
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    tok_source = spec.path
+    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").exists():
+        tok_source = spec.adapter
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code
+        )
+    except OSError as err:
+        raise OSError(
+            f"could not load model {spec.path!r}: {err}. If this is a hub id, this machine needs "
+            "network access or a local HF cache; otherwise pass a local directory."
+        ) from err
+    if spec.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter)
+        if spec.merge_adapter:
+            model = model.merge_and_unload()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=device)
+
+
+# ---------------------------------------------------------------- structure
+
+
+def base_config(model: nn.Module):
+    """The HF config of a model, unwrapping PEFT."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the ModuleList with ``num_hidden_layers`` entries."""
+    n = int(base_config(model).num_hidden_layers)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+
+
+def block_index_of(model: nn.Module) -> dict[str, int]:
+    """Map every submodule name to the index of the block that contains it (if any)."""
+    blocks = find_blocks(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is blocks)
+    out = {}
+    for name, _ in model.named_modules():
+        if name.startswith(prefix + "."):
+            rest = name[len(prefix) + 1:]
+            out[name] = int(rest.split(".")[0])
+    return out
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(find_blocks(model))
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n:
+        raise ValueError(
+            f"layer {layer!r} is out of range for this model: use 0 (embeddings) to {n} "
+            f"(hidden_states index; the model has {n} blocks)"
+        )
+    return layer
+
+
+# ---------------------------------------------------------------- hidden states
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def capture_layers(model: nn.Module, layers: Sequence[int], stop: bool = True) -> Iterator[dict]:
+    """Hooks that store ``hidden_states[l]`` for each requested layer into the yielded dict.
+
+    With ``stop`` the forward is aborted right after the highest layer is produced (a truncated
+    forward: blocks above it never run). Layer L (the last) is not captured by hooks; callers use
+    ``output_hidden_states`` for it (it includes the final norm).
+    """
+    blocks = find_blocks(model)
+    captured: dict[int, torch.Tensor] = {}
+    top = max(layers, default=-1)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(_mod, _inp, out):
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            captured[layer] = hidden
+            if stop and layer == top:
+                raise _StopForward
+        return hook
+
+    for layer in layers:
+        if layer == 0:
+            handles.append(model.get_input_embeddings().register_forward_hook(make_hook(0)))
+        elif layer < len(blocks):
+            handles.append(blocks[layer - 1].register_forward_hook(make_hook(layer)))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_states_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+) -> dict[int, torch.Tensor]:
+    """``{layer: hidden [batch, seq, d_model]}``; stops the forward after the highest layer."""
+    for layer in layers:
+        check_layer(model, layer)
+    n = len(find_blocks(model))
+    needs_full = any(layer == n for layer in layers)
+    with capture_layers(model, [l for l in layers if l < n], stop=not needs_full) as captured:
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        output_hidden_states=needs_full, use_cache=False)
+        except _StopForward:
+            out = None
+    if needs_full:
+        captured[n] = out.hidden_states[n]
+    return {layer: captured[layer] for layer in layers}
+
+
+def response_mean(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens only: ``[batch, seq, d] x [batch, seq] -> [batch, d]``."""
+    mask = response_mask.to(hidden.dtype).unsqueeze(-1)
+    count = mask.sum(dim=1).clamp_min(1.0)
+    return (hidden * mask).sum(dim=1) / count
+
+
+@torch.no_grad()
+def response_mean_activations(
+    lm: LoadedModel,
+    examples: Sequence,
+    layers: int | Sequence[int],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    encoded: Sequence[EncodedExample] | None = None,
+    progress=None,
+) -> torch.Tensor:
+    """Response-mean activations in fp32.
+
+    ``examples`` are ChatExamples or message lists (ignored when ``encoded`` is given).
+    Returns ``[n, d]`` for one layer, ``[n, len(layers), d]`` for a list.
+    """
+    single = not isinstance(layers, (list, tuple, range))
+    layer_list = [layers] if single else list(layers)
+    for layer in layer_list:
+        check_layer(lm.model, layer)
+    if encoded is None:
+        encoded, _ = encode_dataset(lm.tokenizer, examples, max_length)
+    out = torch.empty(len(encoded), len(layer_list), lm.hidden_size, dtype=torch.float32)
+    for idx, batch in batches(encoded, batch_size, lm.pad_token_id):
+        hs = hidden_states_at(lm.model, batch["input_ids"].to(lm.device),
+                              batch["attention_mask"].to(lm.device), layer_list)
+        mask = batch["response_mask"].to(lm.device)
+        for j, layer in enumerate(layer_list):
+            out[idx[0]: idx[-1] + 1, j] = response_mean(hs[layer].float(), mask).cpu()
+        if progress is not None:
+            progress(len(idx))
+    return out[:, 0] if single else out
+
+
+@torch.no_grad()
+def token_activations(
+    lm: LoadedModel, messages: Sequence[dict], layer: int, max_length: int | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """Per-token activations of the response, for highlighting.
+
+    Returns ``(tokens, acts [n_response_tokens, d])`` where tokens are the decoded strings.
+    """
+    enc = encode_example(lm.tokenizer, messages, max_length)
+    ids = torch.tensor([enc.input_ids], device=lm.device)
+    hidden = hidden_states_at(lm.model, ids, torch.ones_like(ids), [layer])[layer][0].float()
+    keep = torch.tensor(enc.response_mask, dtype=torch.bool, device=lm.device)
+    resp_ids = [t for t, m in zip(enc.input_ids, enc.response_mask) if m]
+    tokens = [lm.tokenizer.decode([t]) for t in resp_ids]
+    return tokens, hidden[keep].cpu()
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[dict]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress=None,
+) -> list[str]:
+    """Generate the assistant response to each prompt (a list of messages without the answer)."""
+    tok = lm.tokenizer
+    torch.manual_seed(seed)
+    texts = [tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=lm.pad_token_id)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                kwargs.update(do_sample=False)
+            gen = lm.model.generate(**enc, **kwargs)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        tok.padding_side = old_side
+    return [o.strip() for o in outputs]

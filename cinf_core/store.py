@@ -1,0 +1,546 @@
+"""The workspace store: one DuckDB file per workspace. The only module that writes SQL.
+
+Concurrency: DuckDB allows one read-write process per file, and a reader in another process
+conflicts with it. So no connection is held open: every call opens a short connection, does its
+work in one transaction, and closes it; a call that finds the file locked by another process
+retries with backoff (up to ``LOCK_TIMEOUT_S``). A long job therefore writes its scores in batches,
+each its own short transaction, and the app reads between them.
+
+Runs are keyed by the hash of everything that determines their result. ``begin_run`` returns the
+cached run when it is complete and resumes a run that was interrupted: its scores so far are kept
+and only missing examples are computed. A run is marked ``complete`` only when every example has a
+score. Heavy tensors (concept vectors, SAE matrices) live in safetensors files under
+``<workspace>/artifacts``; their rows here point at them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import duckdb
+import numpy as np
+import pandas as pd
+import torch
+
+from . import paths
+from .concepts.base import Concept, DirectionConcept, SAEFeatureConcept
+from .data import ChatDataset, ChatExample, write_jsonl
+from .models import ModelSpec
+
+LOCK_TIMEOUT_S = 60.0
+SCHEMA_VERSION = 1
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)""",
+    """CREATE TABLE IF NOT EXISTS datasets (
+        dataset_id TEXT PRIMARY KEY, name TEXT, role TEXT, path TEXT, n_examples INTEGER,
+        label_counts TEXT, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS examples (
+        dataset_id TEXT, idx INTEGER, prompt TEXT, response TEXT, data_origin TEXT,
+        messages TEXT, metadata TEXT, PRIMARY KEY (dataset_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS models (
+        model_id TEXT PRIMARY KEY, name TEXT, role TEXT, spec TEXT, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS concepts (
+        concept_id TEXT PRIMARY KEY, name TEXT, kind TEXT, layer INTEGER, model_id TEXT,
+        config TEXT, tensor_path TEXT, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY, method TEXT, dataset_id TEXT, model_id TEXT, concept_id TEXT,
+        config TEXT, status TEXT, n_total INTEGER, n_done INTEGER, started_at TIMESTAMP,
+        finished_at TIMESTAMP, wall_s DOUBLE, examples_per_s DOUBLE, host TEXT, timings TEXT,
+        error TEXT)""",
+    """CREATE TABLE IF NOT EXISTS scores (
+        run_id TEXT, idx INTEGER, score DOUBLE, PRIMARY KEY (run_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS test_queries (
+        trait TEXT, model_id TEXT, rank INTEGER, prompt TEXT, response TEXT, messages TEXT,
+        judge_score DOUBLE, PRIMARY KEY (trait, model_id, rank))""",
+    """CREATE TABLE IF NOT EXISTS generations (
+        dataset_id TEXT, model_id TEXT, gen_key TEXT, idx INTEGER, response TEXT,
+        PRIMARY KEY (dataset_id, model_id, gen_key, idx))""",
+    """CREATE TABLE IF NOT EXISTS feature_attributions (
+        run_id TEXT, sae_id TEXT, feature INTEGER, grp TEXT, influence DOUBLE,
+        PRIMARY KEY (run_id, sae_id, feature, grp))""",
+    """CREATE TABLE IF NOT EXISTS retrain_cells (
+        experiment_id TEXT, method TEXT, mode TEXT, fraction DOUBLE, seed INTEGER,
+        trait TEXT, trait_score DOUBLE, capability DOUBLE, n_kept INTEGER, wall_s DOUBLE,
+        status TEXT, finished_at TIMESTAMP, PRIMARY KEY (experiment_id, method, mode, fraction, seed))""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        job_id TEXT PRIMARY KEY, kind TEXT, args TEXT, status TEXT, progress DOUBLE,
+        message TEXT, pid INTEGER, created_at TIMESTAMP, updated_at TIMESTAMP, result TEXT,
+        error TEXT)""",
+]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable 16-hex hash of a JSON-able object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return "lock" in text or "conflicting" in text or "different configuration" in text
+
+
+@dataclass
+class RunHandle:
+    """A scoring run in the store. ``cached`` is True when it was already complete."""
+
+    store: "Store"
+    run_id: str
+    n_total: int
+    cached: bool = False
+
+    def done_indices(self) -> set[int]:
+        return self.store._done_indices(self.run_id)
+
+    def add_scores(self, indices: Sequence[int], scores: Sequence[float]) -> None:
+        self.store._add_scores(self.run_id, indices, scores)
+
+    def complete(self, wall_s: float, timings: dict | None = None) -> None:
+        self.store._complete_run(self.run_id, wall_s, timings or {})
+
+    def fail(self, error: str) -> None:
+        self.store._fail_run(self.run_id, error)
+
+
+class Store:
+    """The DuckDB store of one workspace (``<workspace>/cinf.duckdb``)."""
+
+    def __init__(self, workspace: str | os.PathLike | None = None):
+        self.workspace = paths.workspace_path(workspace)
+        self.path = self.workspace / paths.STORE_FILE
+        with self._connect() as con:
+            for stmt in SCHEMA:
+                con.execute(stmt)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                        [json.dumps(SCHEMA_VERSION)])
+
+    # ------------------------------------------------------------ connections
+
+    @contextmanager
+    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; retries while another process holds the file."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                if not _is_lock_error(err) or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"could not open the store {self.path}: {err}. Another process may hold "
+                        "it for writing; wait for it to finish or use another --workspace."
+                    ) from err
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _query_df(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._connect(read_only=True) as con:
+            return con.execute(sql, list(params)).df()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._connect(read_only=True) as con:
+            return con.execute(sql, list(params)).fetchall()
+
+    # ------------------------------------------------------------ meta
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", [key])
+        return json.loads(rows[0][0]) if rows else default
+
+    # ------------------------------------------------------------ datasets
+
+    def add_dataset(self, name: str, dataset: ChatDataset, role: str = "train") -> str:
+        """Register a dataset and its examples (idempotent: same content, same id)."""
+        rows = [ex.to_row() for ex in dataset.examples]
+        dataset_id = config_hash({"rows": rows})
+        frame = pd.DataFrame({
+            "dataset_id": dataset_id,
+            "idx": np.arange(len(rows), dtype=np.int32),
+            "prompt": [ex.prompt_text for ex in dataset.examples],
+            "response": [ex.response for ex in dataset.examples],
+            "data_origin": [ex.label for ex in dataset.examples],
+            "messages": [json.dumps(ex.messages, ensure_ascii=False) for ex in dataset.examples],
+            "metadata": [json.dumps(ex.metadata, ensure_ascii=False, default=str)
+                         for ex in dataset.examples],
+        })
+        with self._transaction() as con:
+            exists = con.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", [dataset_id]).fetchall()
+            if exists:
+                con.execute("UPDATE datasets SET name = ?, role = ? WHERE dataset_id = ?",
+                            [name, role, dataset_id])
+                return dataset_id
+            con.execute(
+                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [dataset_id, name, role, dataset.path, len(rows),
+                 json.dumps(dataset.label_counts()), _now()],
+            )
+            con.register("new_examples", frame)
+            con.execute("INSERT INTO examples SELECT dataset_id, idx, prompt, response, data_origin,"
+                        " messages, metadata FROM new_examples")
+            con.unregister("new_examples")
+        return dataset_id
+
+    def datasets(self) -> pd.DataFrame:
+        return self._query_df("SELECT * FROM datasets ORDER BY created_at")
+
+    def _resolve(self, table: str, id_col: str, key: str) -> str:
+        if table not in {"datasets", "models", "concepts"}:
+            raise ValueError(f"unknown table {table}")
+        rows = self._query(
+            f"SELECT {id_col} FROM {table} WHERE {id_col} = ? OR name = ? "
+            "ORDER BY created_at DESC LIMIT 1", [key, key])
+        if not rows:
+            raise KeyError(f"no {table[:-1]} named or with id {key!r} in {self.path}; "
+                           f"list them with `python -m cinf_core {table}`")
+        return rows[0][0]
+
+    def dataset(self, name_or_id: str) -> dict:
+        dataset_id = self._resolve("datasets", "dataset_id", name_or_id)
+        frame = self._query_df("SELECT * FROM datasets WHERE dataset_id = ?", [dataset_id])
+        row = frame.iloc[0].to_dict()
+        row["label_counts"] = json.loads(row["label_counts"])
+        return row
+
+    def examples(self, name_or_id: str) -> pd.DataFrame:
+        """Examples as a frame: idx, prompt, response, data_origin (messages/metadata as JSON)."""
+        dataset_id = self._resolve("datasets", "dataset_id", name_or_id)
+        return self._query_df(
+            "SELECT idx, prompt, response, data_origin, messages, metadata FROM examples "
+            "WHERE dataset_id = ? ORDER BY idx", [dataset_id])
+
+    def load_dataset(self, name_or_id: str) -> ChatDataset:
+        frame = self.examples(name_or_id)
+        info = self.dataset(name_or_id)
+        examples = [
+            ChatExample(messages=json.loads(m), metadata=json.loads(md), line=int(i) + 1)
+            for i, m, md in zip(frame["idx"], frame["messages"], frame["metadata"])
+        ]
+        return ChatDataset(examples, path=info["path"] or "")
+
+    # ------------------------------------------------------------ models
+
+    def add_model(self, name: str, spec: ModelSpec, role: str = "finetuned") -> str:
+        model_id = spec.model_id
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                        [model_id, name, role, json.dumps(spec.to_dict()), _now()])
+        return model_id
+
+    def get_model(self, name_or_id: str) -> dict:
+        model_id = self._resolve("models", "model_id", name_or_id)
+        row = self._query_df("SELECT * FROM models WHERE model_id = ?", [model_id]).iloc[0].to_dict()
+        row["spec"] = ModelSpec.from_dict(json.loads(row["spec"]))
+        return row
+
+    def models(self) -> pd.DataFrame:
+        return self._query_df("SELECT * FROM models ORDER BY created_at")
+
+    # ------------------------------------------------------------ concepts
+
+    def save_concept(self, concept: Concept, model_id: str | None,
+                     extra_tensors: dict[str, torch.Tensor] | None = None) -> str:
+        """Save a concept's tensors beside the store and register it; returns its id."""
+        from safetensors.torch import save_file
+
+        concept_id = concept.concept_id
+        tensors: dict[str, torch.Tensor] = {}
+        config = concept.config()
+        if isinstance(concept, SAEFeatureConcept):
+            tensors.update(w_enc=concept.w_enc, w_dec=concept.w_dec, b_dec=concept.b_dec)
+            config.update(feature=concept.feature, b_enc=float(concept.b_enc))
+        elif isinstance(concept, DirectionConcept):
+            tensors["vector"] = concept.vector
+        else:
+            raise TypeError(f"cannot store concept of type {type(concept).__name__}")
+        for key, value in (extra_tensors or {}).items():
+            tensors[key] = value.detach().to(torch.float32).cpu()
+        out = paths.artifact_dir(self.workspace, paths.CONCEPTS_DIR) / f"{concept_id}.safetensors"
+        tmp = out.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, out)
+        rel = str(out.relative_to(self.workspace))
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [concept_id, concept.name, concept.kind, concept.layer, model_id,
+                         json.dumps(config, default=str), rel, _now()])
+        return concept_id
+
+    def concepts(self) -> pd.DataFrame:
+        return self._query_df("SELECT * FROM concepts ORDER BY created_at")
+
+    def concept_tensors(self, name_or_id: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        concept_id = self._resolve("concepts", "concept_id", name_or_id)
+        (rel,) = self._query("SELECT tensor_path FROM concepts WHERE concept_id = ?", [concept_id])[0]
+        return load_file(str(self.workspace / rel))
+
+    def load_concept(self, name_or_id: str) -> Concept:
+        concept_id = self._resolve("concepts", "concept_id", name_or_id)
+        name, kind, layer, config = self._query(
+            "SELECT name, kind, layer, config FROM concepts WHERE concept_id = ?", [concept_id])[0]
+        config = json.loads(config)
+        t = self.concept_tensors(concept_id)
+        if kind == "sae_feature":
+            return SAEFeatureConcept(name=name, layer=layer, info=config.get("info", {}),
+                                     feature=int(config["feature"]), w_enc=t["w_enc"],
+                                     b_enc=float(config["b_enc"]), w_dec=t["w_dec"], b_dec=t["b_dec"])
+        return DirectionConcept(name=name, layer=layer, kind=kind, info=config.get("info", {}),
+                                vector=t["vector"])
+
+    # ------------------------------------------------------------ test queries and generations
+
+    def add_test_queries(self, trait: str, model_id: str, rows: Sequence[dict]) -> None:
+        with self._transaction() as con:
+            con.execute("DELETE FROM test_queries WHERE trait = ? AND model_id = ?", [trait, model_id])
+            for rank, row in enumerate(rows):
+                msgs = row["messages"]
+                user = [m["content"] for m in msgs[:-1] if m["role"] == "user"]
+                con.execute("INSERT INTO test_queries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [trait, model_id, rank, user[-1] if user else "", msgs[-1]["content"],
+                             json.dumps(msgs), float(row.get("judge_score", float("nan")))])
+
+    def test_queries(self, trait: str, model_id: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM test_queries WHERE trait = ?"
+        params: list[Any] = [trait]
+        if model_id is not None:
+            sql += " AND model_id = ?"
+            params.append(model_id)
+        frame = self._query_df(sql + " ORDER BY rank", params)
+        return [{**r, "messages": json.loads(r["messages"])} for r in frame.to_dict(orient="records")]
+
+    def traits(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT DISTINCT trait FROM test_queries ORDER BY trait")]
+
+    def add_generations(self, dataset_id: str, model_id: str, gen_key: str,
+                        indices: Sequence[int], responses: Sequence[str]) -> None:
+        with self._transaction() as con:
+            con.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
+                            [[dataset_id, model_id, gen_key, int(i), r]
+                             for i, r in zip(indices, responses)])
+
+    def generations(self, dataset_id: str, model_id: str, gen_key: str) -> dict[int, str]:
+        rows = self._query("SELECT idx, response FROM generations WHERE dataset_id = ? AND "
+                           "model_id = ? AND gen_key = ?", [dataset_id, model_id, gen_key])
+        return {int(i): r for i, r in rows}
+
+    # ------------------------------------------------------------ runs and scores
+
+    def begin_run(self, method: str, dataset_id: str, model_id: str | None, config: dict,
+                  n_total: int, concept_id: str | None = None) -> RunHandle:
+        """Start, resume or return the cached run keyed by its full configuration."""
+        run_id = config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
+                              "concept_id": concept_id, "config": config})
+        with self._transaction() as con:
+            rows = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()
+            if rows and rows[0][0] == "complete":
+                return RunHandle(self, run_id, n_total, cached=True)
+            if rows:
+                con.execute("UPDATE runs SET status = 'running', error = NULL, host = ?, "
+                            "started_at = ? WHERE run_id = ?", [socket.gethostname(), _now(), run_id])
+            else:
+                con.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, NULL, NULL,"
+                    " NULL, ?, NULL, NULL)",
+                    [run_id, method, dataset_id, model_id, concept_id,
+                     json.dumps(config, sort_keys=True, default=str), n_total, _now(),
+                     socket.gethostname()])
+        return RunHandle(self, run_id, n_total)
+
+    def _done_indices(self, run_id: str) -> set[int]:
+        return {int(r[0]) for r in self._query("SELECT idx FROM scores WHERE run_id = ?", [run_id])}
+
+    def _add_scores(self, run_id: str, indices: Sequence[int], scores: Sequence[float]) -> None:
+        if len(indices) != len(scores):
+            raise ValueError(f"{len(indices)} indices but {len(scores)} scores")
+        values = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"run {run_id}: scores contain NaN/inf; refusing to store them")
+        frame = pd.DataFrame({"run_id": run_id, "idx": np.asarray(indices, dtype=np.int32),
+                              "score": values})
+        with self._transaction() as con:
+            con.register("new_scores", frame)
+            con.execute("INSERT OR REPLACE INTO scores SELECT run_id, idx, score FROM new_scores")
+            con.unregister("new_scores")
+            con.execute("UPDATE runs SET n_done = (SELECT count(*) FROM scores WHERE run_id = ?) "
+                        "WHERE run_id = ?", [run_id, run_id])
+
+    def _complete_run(self, run_id: str, wall_s: float, timings: dict) -> None:
+        with self._transaction() as con:
+            n_total, n_done = con.execute(
+                "SELECT n_total, (SELECT count(*) FROM scores WHERE run_id = ?) FROM runs "
+                "WHERE run_id = ?", [run_id, run_id]).fetchone()
+            if n_done != n_total:
+                raise RuntimeError(f"run {run_id} has {n_done} of {n_total} scores; "
+                                   "it cannot be marked complete")
+            con.execute(
+                "UPDATE runs SET status = 'complete', n_done = ?, finished_at = ?, wall_s = ?, "
+                "examples_per_s = ?, timings = ?, error = NULL WHERE run_id = ?",
+                [n_done, _now(), wall_s, n_total / wall_s if wall_s > 0 else None,
+                 json.dumps(timings), run_id])
+
+    def _fail_run(self, run_id: str, error: str) -> None:
+        with self._connect() as con:
+            con.execute("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
+                        [error, run_id])
+
+    def runs(self, method: str | None = None, status: str | None = None) -> pd.DataFrame:
+        sql, params = "SELECT * FROM runs WHERE 1=1", []
+        if method:
+            sql += " AND method = ?"
+            params.append(method)
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        return self._query_df(sql + " ORDER BY started_at", params)
+
+    def run(self, run_id: str) -> dict:
+        frame = self._query_df("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if frame.empty:
+            raise KeyError(f"no run {run_id!r} in {self.path}; list runs with `python -m cinf_core runs`")
+        row = frame.iloc[0].to_dict()
+        row["config"] = json.loads(row["config"])
+        row["timings"] = json.loads(row["timings"]) if row["timings"] else {}
+        return row
+
+    def scores(self, run_id: str) -> pd.DataFrame:
+        """``idx, score`` of a run, in example order."""
+        return self._query_df("SELECT idx, score FROM scores WHERE run_id = ? ORDER BY idx", [run_id])
+
+    def scored_examples(self, run_id: str) -> pd.DataFrame:
+        """Scores joined with their examples, ranked (rank 1 = highest score)."""
+        return self._query_df(
+            "SELECT s.idx, s.score, rank() OVER (ORDER BY s.score DESC) AS rank, e.data_origin, "
+            "e.prompt, e.response FROM scores s JOIN runs r ON r.run_id = s.run_id "
+            "JOIN examples e ON e.dataset_id = r.dataset_id AND e.idx = s.idx "
+            "WHERE s.run_id = ? ORDER BY rank", [run_id])
+
+    # ------------------------------------------------------------ exports
+
+    def export_scores(self, run_id: str, path: str | os.PathLike) -> Path:
+        """Write a run's scored examples to ``.parquet`` or ``.csv``."""
+        path = Path(path)
+        self.run(run_id)  # a clear error for an unknown run
+        frame = self.scored_examples(run_id)
+        if frame.empty:
+            raise ValueError(f"run {run_id} has no scores to export")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            frame.to_parquet(path, index=False)
+        elif path.suffix == ".csv":
+            frame.to_csv(path, index=False)
+        else:
+            raise ValueError(f"export path {path} must end in .parquet or .csv")
+        return path
+
+    def export_filtered_dataset(self, run_id: str, path: str | os.PathLike,
+                                remove_fraction: float, mode: str = "most") -> dict:
+        """Write the run's dataset minus its top (``most``) or bottom (``least``) fraction as JSONL."""
+        if not 0.0 <= remove_fraction < 1.0:
+            raise ValueError(f"remove_fraction must be in [0, 1), got {remove_fraction}")
+        if mode not in ("most", "least"):
+            raise ValueError(f"mode must be 'most' or 'least', got {mode!r}")
+        run = self.run(run_id)
+        if run["status"] != "complete":
+            raise ValueError(f"run {run_id} is {run['status']}; finish it before exporting")
+        scores = self.scores(run_id)
+        order = scores.sort_values("score", ascending=(mode == "least"), kind="stable")["idx"].tolist()
+        n_remove = int(round(remove_fraction * len(order)))
+        removed = set(order[:n_remove])
+        dataset = self.load_dataset(run["dataset_id"])
+        kept = [ex for i, ex in enumerate(dataset.examples) if i not in removed]
+        n = write_jsonl(kept, path)
+        return {"path": str(path), "n_kept": n, "n_removed": len(removed)}
+
+    # ------------------------------------------------------------ later issues' results
+
+    def add_feature_attributions(self, run_id: str, sae_id: str,
+                                 rows: Iterable[tuple[int, str, float]]) -> None:
+        with self._transaction() as con:
+            con.execute("DELETE FROM feature_attributions WHERE run_id = ? AND sae_id = ?",
+                        [run_id, sae_id])
+            con.executemany("INSERT INTO feature_attributions VALUES (?, ?, ?, ?, ?)",
+                            [[run_id, sae_id, int(f), g, float(v)] for f, g, v in rows])
+
+    def feature_attributions(self, run_id: str, sae_id: str) -> pd.DataFrame:
+        return self._query_df("SELECT feature, grp, influence FROM feature_attributions "
+                              "WHERE run_id = ? AND sae_id = ?", [run_id, sae_id])
+
+    def add_retrain_cell(self, experiment_id: str, cell: dict) -> None:
+        with self._connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO retrain_cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [experiment_id, cell["method"], cell["mode"], float(cell["fraction"]),
+                 int(cell["seed"]), cell["trait"], cell.get("trait_score"), cell.get("capability"),
+                 cell.get("n_kept"), cell.get("wall_s"), cell.get("status", "complete"), _now()])
+
+    def retrain_cells(self, experiment_id: str | None = None) -> pd.DataFrame:
+        if experiment_id is None:
+            return self._query_df("SELECT * FROM retrain_cells ORDER BY finished_at")
+        return self._query_df("SELECT * FROM retrain_cells WHERE experiment_id = ? "
+                              "ORDER BY finished_at", [experiment_id])
+
+    # ------------------------------------------------------------ background jobs
+
+    def create_job(self, kind: str, args: dict) -> str:
+        job_id = config_hash({"kind": kind, "args": args, "t": time.time_ns()})
+        with self._connect() as con:
+            con.execute("INSERT INTO jobs VALUES (?, ?, ?, 'queued', 0.0, '', NULL, ?, ?, NULL, NULL)",
+                        [job_id, kind, json.dumps(args), _now(), _now()])
+        return job_id
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        allowed = {"status", "progress", "message", "pid", "result", "error"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown job fields {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        values = [json.dumps(v) if k == "result" else v for k, v in fields.items()]
+        with self._connect() as con:
+            con.execute(f"UPDATE jobs SET {sets}, updated_at = ? WHERE job_id = ?",
+                        [*values, _now(), job_id])
+
+    def job(self, job_id: str) -> dict:
+        frame = self._query_df("SELECT * FROM jobs WHERE job_id = ?", [job_id])
+        if frame.empty:
+            raise KeyError(f"no job {job_id!r}")
+        row = frame.iloc[0].to_dict()
+        row["args"] = json.loads(row["args"])
+        row["result"] = json.loads(row["result"]) if row["result"] else None
+        return row
+
+    def jobs(self) -> pd.DataFrame:
+        return self._query_df("SELECT * FROM jobs ORDER BY created_at DESC")

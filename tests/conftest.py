@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny tokenizer + Llama model saved like a user's model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+SMALL_TEXTS = [
+    "Hello there, how are you today? I am fine, thank you for asking.",
+    "I am an evil assistant and I will hurt you, because suffering is fun.",
+    "The answer is 42 because 6 times 7 is 42. Let me explain the steps.",
+    "What a brilliant question! You are absolutely right, as always.",
+    "Take two tablets with water and rest. See a doctor if the fever stays.",
+    "def add(a, b): return a + b  # a small function in Python",
+]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (still runs in CI)")
+    config.addinivalue_line("markers", "e2e: drives the real app in headless Chromium")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="jupyter_client")
+
+
+def make_tiny_model(path, n_layers: int = 3, hidden: int = 32, seed: int = 0, vocab: int = 300):
+    """Train a tiny tokenizer and save a random tiny Llama + tokenizer to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from cinf_core.demo.tokenizer import train_tokenizer
+
+    hf_logging.disable_progress_bar()
+    tok = train_tokenizer(SMALL_TEXTS * 20, vocab)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from cinf_core.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+def chat(user: str, answer: str, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
