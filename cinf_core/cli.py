@@ -202,6 +202,56 @@ def _export(p: argparse.ArgumentParser):
     return run
 
 
+@command("score", "score the training set with one method (cached; resumes a killed run)")
+def _score(p: argparse.ArgumentParser):
+    from .methods.runner import METHODS
+
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--trait", help="trait whose concept and test queries to use (e.g. evil)")
+    p.add_argument("--concept", help="concept name or id (default: the trait's persona vector)")
+    p.add_argument("--dataset", default="train", help="training set name, id or role")
+    p.add_argument("--model", default="finetuned", help="model name, id or role")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--generator", default="finetuned",
+                   help="projection_difference: model that generates y' (name or role)")
+    p.add_argument("--n-queries", type=int, help="use only the top-n test queries")
+    p.add_argument("--damping", type=float, help="EK-FAC damping (influence methods)")
+
+    def run(args):
+        from .methods.runner import ScoreConfig, score
+
+        curvature = {} if args.damping is None else {"damping": args.damping}
+        cfg = ScoreConfig(method=args.method, trait=args.trait, concept=args.concept,
+                          dataset=args.dataset, model=args.model, batch_size=args.batch_size,
+                          max_length=args.max_length, seed=args.seed, generator=args.generator,
+                          n_queries=args.n_queries, curvature=curvature)
+        progress = Progress(not args.no_progress)
+        try:
+            return score(args.workspace, cfg, progress=progress)
+        finally:
+            progress.close()
+    return run
+
+
+@command("evaluate", "AUC-PR of every method against data_origin labels, and method correlations")
+def _evaluate(p: argparse.ArgumentParser):
+    p.add_argument("--trait", action="append", help="trait(s) to evaluate (default: all)")
+
+    def run(args):
+        from .experiments.evaluate import evaluate
+
+        result = evaluate(args.workspace, args.trait)
+        for trait, per_method in result["auc_pr"].items():
+            print(f"AUC-PR for {trait} (positive rate {result['positive_rate'][trait]:.3f})",
+                  file=sys.stderr)
+            for method, value in sorted(per_method.items(), key=lambda kv: -kv[1]):
+                print(f"  {method:24s} {value:.3f}", file=sys.stderr)
+        return result
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cinf_core",

@@ -219,9 +219,13 @@ class Store:
     def _resolve(self, table: str, id_col: str, key: str) -> str:
         if table not in {"datasets", "models", "concepts"}:
             raise ValueError(f"unknown table {table}")
+        # An id or a name wins; datasets and models can also be found by role ("train",
+        # "finetuned", "base"), newest first.
+        role = "role = ?" if table != "concepts" else "kind = ?"
         rows = self._query(
-            f"SELECT {id_col} FROM {table} WHERE {id_col} = ? OR name = ? "
-            "ORDER BY created_at DESC LIMIT 1", [key, key])
+            f"SELECT {id_col} FROM {table} WHERE {id_col} = ? OR name = ? OR {role} "
+            f"ORDER BY ({id_col} = ?) DESC, (name = ?) DESC, created_at DESC LIMIT 1",
+            [key, key, key, key, key])
         if not rows:
             raise KeyError(f"no {table[:-1]} named or with id {key!r} in {self.path}; "
                            f"list them with `python -m cinf_core {table}`")
@@ -300,6 +304,17 @@ class Store:
 
     def concepts(self) -> pd.DataFrame:
         return self._query_df("SELECT * FROM concepts ORDER BY created_at")
+
+    def concept_for_trait(self, trait: str) -> str:
+        """The id of the newest concept whose info names ``trait`` (persona vectors first)."""
+        frame = self.concepts()
+        matches = [(r["kind"] != "persona_vector", -i, r["concept_id"])
+                   for i, r in enumerate(frame.to_dict(orient="records"))
+                   if json.loads(r["config"]).get("info", {}).get("trait") == trait]
+        if not matches:
+            raise KeyError(f"no concept for trait {trait!r} in {self.path}; build one (persona "
+                           "vector, probe) or pass --concept NAME")
+        return min(matches)[2]
 
     def concept_tensors(self, name_or_id: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -1,0 +1,69 @@
+"""Retrieval and agreement metrics: AUC-PR against labels, Pearson/Spearman between methods."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def auc_pr(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Area under the precision-recall curve (average precision), higher score = more positive.
+
+    Ties are broken against the positives (the pessimistic order), so a constant score gets the
+    positive rate, the value of a random ranking.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives, dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.shape[0]} scores but {y.shape[0]} labels")
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        raise ValueError("no positive labels: AUC-PR is undefined")
+    order = np.lexsort((y, -s))  # by score descending, negatives first within ties
+    hits = y[order]
+    ranks = np.arange(1, len(hits) + 1)
+    precision_at_hits = np.cumsum(hits)[hits] / ranks[hits]
+    return float(precision_at_hits.sum() / n_pos)
+
+
+def precision_recall_curve(scores: Sequence[float], positives: Sequence[bool],
+                           n_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """``(recall, precision)`` along the ranking, subsampled to at most ``n_points``."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives, dtype=bool)
+    order = np.lexsort((y, -s))
+    tp = np.cumsum(y[order])
+    ranks = np.arange(1, len(s) + 1)
+    recall = tp / max(int(y.sum()), 1)
+    precision = tp / ranks
+    keep = np.unique(np.linspace(0, len(s) - 1, min(n_points, len(s))).astype(int))
+    return recall[keep], precision[keep]
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x)
+
+
+def correlation_matrix(scores: Mapping[str, Sequence[float]], kind: str = "spearman") -> dict:
+    """``{method: {method: r}}`` over the same examples; ``kind`` is pearson or spearman."""
+    if kind not in ("pearson", "spearman"):
+        raise ValueError(f"kind must be 'pearson' or 'spearman', got {kind!r}")
+    names = list(scores)
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"methods scored different numbers of examples: {sorted(lengths)}")
+    if kind == "spearman":
+        arrays = {k: _rank(a) for k, a in arrays.items()}
+    out: dict[str, dict[str, float]] = {}
+    for a in names:
+        out[a] = {}
+        for b in names:
+            x, y = arrays[a], arrays[b]
+            if x.std() == 0 or y.std() == 0:
+                out[a][b] = float("nan")
+            else:
+                out[a][b] = float(np.corrcoef(x, y)[0, 1])
+    return out

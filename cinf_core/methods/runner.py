@@ -1,0 +1,193 @@
+"""Run any method on a workspace and stream its scores into the store.
+
+One entry point, :func:`score`, for every method. A run is keyed by everything that determines its
+scores (method, dataset, model, concept, test queries, settings); asking again returns the cached
+run, and a run that was killed resumes with only its missing examples.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..data import encode_dataset
+from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..store import Store, config_hash
+from . import forward
+
+FORWARD_METHODS = ("vector_filter", "projection_difference", "random")
+GRADIENT_METHODS = ("influence_function", "concept_influence", "grad_sim")
+METHODS = ("influence_function", "concept_influence", "vector_filter", "projection_difference",
+           "grad_sim", "random")
+NEEDS_CONCEPT = ("concept_influence", "vector_filter", "projection_difference")
+NEEDS_QUERIES = ("influence_function", "concept_influence", "grad_sim")
+
+Progress = Callable[[str, float], None] | None
+
+
+@dataclass
+class ScoreConfig:
+    """What to score and how. Names resolve through the store (name, id or role)."""
+
+    method: str
+    trait: str | None = field(default=None, metadata={"help": "trait whose concept/test queries to use"})
+    concept: str | None = field(default=None, metadata={"help": "concept name or id (default: the trait's)"})
+    dataset: str = field(default="train", metadata={"help": "training set: name, id or role"})
+    model: str = field(default="finetuned", metadata={"help": "model: name, id or role"})
+    batch_size: int = 16
+    max_length: int | None = 256
+    seed: int = field(default=0, metadata={"help": "seed of the random baseline"})
+    generator: str = field(default="finetuned",
+                           metadata={"help": "Projection Difference: model generating y' (name/role)"})
+    max_new_tokens: int = 64
+    n_queries: int | None = field(default=None, metadata={"help": "use only the top-n test queries"})
+    curvature: dict = field(default_factory=dict, metadata={"help": "CurvatureConfig fields"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method in NEEDS_QUERIES + NEEDS_CONCEPT and not (self.trait or self.concept):
+            raise ValueError(f"{self.method} needs --trait (or --concept)")
+
+
+_MODEL_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def cached_model(spec: ModelSpec) -> LoadedModel:
+    """Load a model once per process (the app and benchmarks score many runs)."""
+    key = (spec.path, spec.adapter, spec.merge_adapter, spec.dtype, spec.device)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = load_model(spec)
+    return _MODEL_CACHE[key]
+
+
+def _generations(store: Store, lm_gen: LoadedModel, gen_model_id: str, dataset_id: str,
+                 examples, cfg: ScoreConfig, progress: Progress) -> list[str]:
+    """The generator's own responses to every training prompt, cached in the store per batch."""
+    gen_key = config_hash({"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+    have = store.generations(dataset_id, gen_model_id, gen_key)
+    missing = [i for i in range(len(examples)) if i not in have]
+    step = max(cfg.batch_size, 1)
+    for s in range(0, len(missing), step):
+        chunk = missing[s:s + step]
+        outs = generate(lm_gen, [examples[i].prompt_messages for i in chunk],
+                        max_new_tokens=cfg.max_new_tokens, batch_size=step)
+        store.add_generations(dataset_id, gen_model_id, gen_key, chunk, outs)
+        have.update(zip(chunk, outs))
+        if progress:
+            progress("generate y'", (s + len(chunk)) / max(len(missing), 1))
+    return [have[i] for i in range(len(examples))]
+
+
+def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
+    """Score the training set with ``cfg.method``; returns the run summary."""
+    store = Store(workspace)
+    dataset = store.dataset(cfg.dataset)
+    model_row = store.get_model(cfg.model)
+    concept = None
+    if cfg.method in NEEDS_CONCEPT:
+        concept_id = store._resolve("concepts", "concept_id", cfg.concept) if cfg.concept \
+            else store.concept_for_trait(cfg.trait)
+        concept = store.load_concept(concept_id)
+    queries = []
+    if cfg.method in NEEDS_QUERIES:
+        queries = store.test_queries(cfg.trait, model_row["model_id"])
+        if cfg.n_queries:
+            queries = queries[:cfg.n_queries]
+        if not queries:
+            raise ValueError(f"no test queries for trait {cfg.trait!r} and model {model_row['name']!r}; "
+                             "build the demo world or register test queries first")
+    run_config = {k: v for k, v in asdict(cfg).items()
+                  if k not in ("dataset", "model", "concept", "batch_size")}
+    if cfg.method != "random":
+        run_config.pop("seed")
+    if cfg.method != "projection_difference":
+        for k in ("generator", "max_new_tokens"):
+            run_config.pop(k)
+    else:
+        run_config["generator_id"] = store.get_model(cfg.generator)["model_id"]
+    if cfg.method not in GRADIENT_METHODS:
+        run_config.pop("curvature")
+    if queries:
+        run_config["queries"] = config_hash([q["messages"] for q in queries])
+    if concept is not None:
+        run_config["layer"] = concept.layer
+    handle = store.begin_run(cfg.method, dataset["dataset_id"], model_row["model_id"], run_config,
+                             n_total=int(dataset["n_examples"]),
+                             concept_id=concept.concept_id if concept else None)
+    summary = {"run_id": handle.run_id, "method": cfg.method, "trait": cfg.trait,
+               "n_examples": int(dataset["n_examples"])}
+    if handle.cached:
+        info = store.run(handle.run_id)
+        return {**summary, "cached": True, "wall_s": info["wall_s"],
+                "examples_per_s": info["examples_per_s"], "timings": info["timings"]}
+    try:
+        timings = _compute(store, handle, cfg, dataset, model_row, concept, queries, progress)
+    except BaseException as err:
+        handle.fail(f"{type(err).__name__}: {err}")
+        raise
+    wall = sum(v for k, v in timings.items() if k != "load_s")
+    handle.complete(wall, timings)
+    info = store.run(handle.run_id)
+    return {**summary, "cached": False, "wall_s": wall, "examples_per_s": info["examples_per_s"],
+            "timings": timings}
+
+
+def _compute(store: Store, handle, cfg: ScoreConfig, dataset: dict, model_row: dict, concept,
+             queries: list[dict], progress: Progress) -> dict:
+    timings: dict[str, float] = {}
+    n = int(dataset["n_examples"])
+    todo = sorted(set(range(n)) - handle.done_indices())
+    done = n - len(todo)
+
+    def stream(indices, values):
+        nonlocal done
+        handle.add_scores(list(indices), np.asarray(values, dtype=np.float64).tolist())
+        done += len(indices)
+        if progress:
+            progress(f"score {cfg.method}", done / n)
+
+    if cfg.method == "random":
+        t = time.perf_counter()
+        for s in range(0, len(todo), 4096):
+            chunk = todo[s:s + 4096]
+            stream(chunk, forward.random_scores(n, cfg.seed, chunk))
+        timings["score_s"] = time.perf_counter() - t
+        return timings
+
+    t = time.perf_counter()
+    lm = cached_model(model_row["spec"])
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    examples = store.load_dataset(dataset["dataset_id"]).examples
+    encoded, report = encode_dataset(lm.tokenizer, examples, cfg.max_length)
+    timings["encode_s"] = time.perf_counter() - t
+
+    if cfg.method == "vector_filter":
+        t = time.perf_counter()
+        forward.vector_filter(lm, encoded, concept, todo, cfg.batch_size, on_batch=stream)
+        timings["score_s"] = time.perf_counter() - t
+    elif cfg.method == "projection_difference":
+        gen_row = store.get_model(cfg.generator)
+        lm_gen = cached_model(gen_row["spec"])
+        t = time.perf_counter()
+        own = _generations(store, lm_gen, gen_row["model_id"], dataset["dataset_id"], examples, cfg,
+                           progress)
+        timings["generate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        own_msgs = [ex.prompt_messages + [{"role": "assistant", "content": y}]
+                    for ex, y in zip(examples, own)]
+        encoded_own, _ = encode_dataset(lm.tokenizer, own_msgs, cfg.max_length)
+        timings["encode_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        forward.projection_difference(lm, encoded, encoded_own, concept, todo, cfg.batch_size,
+                                      on_batch=stream)
+        timings["score_s"] = time.perf_counter() - t
+    else:
+        from .gradient_runner import run_gradient_method
+
+        timings.update(run_gradient_method(store, cfg, lm, encoded, dataset, model_row, concept,
+                                           queries, todo, stream, progress))
+    return timings

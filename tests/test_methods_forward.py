@@ -1,0 +1,135 @@
+"""Vector Filter / Projection Difference equal a slow direct computation; the runner streams,
+caches and resumes runs."""
+import numpy as np
+import pytest
+import torch
+
+from cinf_core.concepts import DirectionConcept
+from cinf_core.data import ChatDataset, ChatExample, encode_dataset
+from cinf_core.methods import ScoreConfig, score
+from cinf_core.methods import forward
+from cinf_core.models import ModelSpec, generate, hidden_states_at
+from cinf_core.store import Store
+from conftest import SMALL_TEXTS, chat
+
+LAYER = 2
+
+
+def _examples(n=12):
+    return [chat(f"Question {i}: {SMALL_TEXTS[i % 6][:20]}?", SMALL_TEXTS[(i * 5) % 6][: 15 + 3 * i])
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def concept(tiny_lm):
+    torch.manual_seed(3)
+    return DirectionConcept(name="evil", layer=LAYER, vector=torch.randn(tiny_lm.hidden_size),
+                            info={"trait": "evil"})
+
+
+def _slow_projection(lm, messages, concept):
+    """One example at a time, no batching, explicit loop over response positions."""
+    from cinf_core.data import encode_example
+
+    enc = encode_example(lm.tokenizer, messages)
+    ids = torch.tensor([enc.input_ids])
+    out = lm.model(ids, output_hidden_states=True).hidden_states[concept.layer][0]
+    rows = [out[t] for t, m in enumerate(enc.response_mask) if m]
+    mean = torch.stack(rows).mean(0)
+    v = concept.vector / concept.vector.norm()
+    return float((mean @ v).detach())
+
+
+def test_vector_filter_equals_direct_and_batch_invariant(tiny_lm, concept):
+    msgs = _examples()
+    encoded, _ = encode_dataset(tiny_lm.tokenizer, msgs)
+    direct = np.array([_slow_projection(tiny_lm, m, concept) for m in msgs])
+    b1 = forward.vector_filter(tiny_lm, encoded, concept, batch_size=1)
+    b8 = forward.vector_filter(tiny_lm, encoded, concept, batch_size=8)
+    np.testing.assert_allclose(b1, direct, atol=1e-5)
+    np.testing.assert_allclose(b8, b1, atol=1e-5)
+    sub = forward.vector_filter(tiny_lm, encoded, concept, indices=[5, 2], batch_size=8)
+    np.testing.assert_allclose(sub, b1[[5, 2]], atol=1e-6)
+
+
+def test_projection_difference_equals_direct(tiny_lm, concept):
+    msgs = _examples(6)
+    own = generate(tiny_lm, [m[:-1] for m in msgs], max_new_tokens=8)
+    own_msgs = [m[:-1] + [{"role": "assistant", "content": y or " "}] for m, y in zip(msgs, own)]
+    enc, _ = encode_dataset(tiny_lm.tokenizer, msgs)
+    enc_own, _ = encode_dataset(tiny_lm.tokenizer, own_msgs)
+    direct = np.array([_slow_projection(tiny_lm, a, concept) - _slow_projection(tiny_lm, b, concept)
+                       for a, b in zip(msgs, own_msgs)])
+    for bs in (1, 8):
+        got = forward.projection_difference(tiny_lm, enc, enc_own, concept, batch_size=bs)
+        np.testing.assert_allclose(got, direct, atol=1e-5)
+
+
+def test_bad_concepts_refused(tiny_lm):
+    enc, _ = encode_dataset(tiny_lm.tokenizer, _examples(2))
+    wrong = DirectionConcept(name="w", layer=LAYER, vector=torch.randn(7))
+    with pytest.raises(ValueError, match=r"shape \(7,\).*hidden size is 32"):
+        forward.vector_filter(tiny_lm, enc, wrong)
+    deep = DirectionConcept(name="d", layer=9, vector=torch.randn(32))
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        forward.vector_filter(tiny_lm, enc, deep)
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir, concept):
+    store = Store(tmp_path / "ws")
+    labels = ["evil" if i % 3 == 0 else "normal" for i in range(12)]
+    ds = ChatDataset([ChatExample(m, {"data_origin": l}) for m, l in zip(_examples(), labels)])
+    store.add_dataset("finetune", ds, role="train")
+    mid = store.add_model("tiny", ModelSpec(path=str(tiny_model_dir)), role="finetuned")
+    store.save_concept(concept, mid)
+    return tmp_path / "ws"
+
+
+def test_runner_streams_caches_and_resumes(workspace, tiny_lm, concept, monkeypatch):
+    first = score(workspace, ScoreConfig(method="vector_filter", trait="evil", batch_size=4))
+    assert not first["cached"] and first["n_examples"] == 12
+    again = score(workspace, ScoreConfig(method="vector_filter", trait="evil", batch_size=8))
+    assert again["cached"] and again["run_id"] == first["run_id"]  # batch size is not in the key
+    store = Store(workspace)
+    got = store.scores(first["run_id"])["score"].to_numpy()
+    direct = [_slow_projection(tiny_lm, m, concept) for m in _examples()]
+    np.testing.assert_allclose(got, direct, atol=1e-5)
+
+    # kill a Projection Difference run after its first batch of scores, then resume
+    calls = {"n": 0}
+    real = store.__class__._add_scores
+
+    def dying(self, run_id, idx, values):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, run_id, idx, values)
+
+    monkeypatch.setattr(store.__class__, "_add_scores", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score(workspace, ScoreConfig(method="projection_difference", trait="evil", batch_size=4,
+                                     max_new_tokens=6))
+    runs = store.runs(method="projection_difference")
+    assert runs["status"].tolist() == ["failed"] and runs["n_done"].tolist() == [4]
+    monkeypatch.setattr(store.__class__, "_add_scores", real)
+    resumed = score(workspace, ScoreConfig(method="projection_difference", trait="evil",
+                                           batch_size=4, max_new_tokens=6))
+    assert not resumed["cached"] and resumed["run_id"] == runs["run_id"][0]
+    assert store.run(resumed["run_id"])["status"] == "complete"
+    assert len(store.scores(resumed["run_id"])) == 12
+
+
+def test_runner_random_is_seeded_and_errors_are_clear(workspace):
+    a = score(workspace, ScoreConfig(method="random", trait="evil", seed=1))
+    b = score(workspace, ScoreConfig(method="random", trait="evil", seed=2))
+    store = Store(workspace)
+    sa, sb = store.scores(a["run_id"])["score"], store.scores(b["run_id"])["score"]
+    assert not np.allclose(sa, sb)
+    np.testing.assert_allclose(sa, np.random.default_rng(1).standard_normal(12))
+    with pytest.raises(ValueError, match="no test queries for trait 'evil'"):
+        score(workspace, ScoreConfig(method="influence_function", trait="evil"))
+    with pytest.raises(KeyError, match="no concept for trait 'sycophantic'"):
+        score(workspace, ScoreConfig(method="vector_filter", trait="sycophantic"))
+    with pytest.raises(ValueError, match="unknown method"):
+        ScoreConfig(method="magic")
