@@ -68,6 +68,15 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS feature_attributions (
         run_id TEXT, sae_id TEXT, feature INTEGER, grp TEXT, influence DOUBLE,
         PRIMARY KEY (run_id, sae_id, feature, grp))""",
+    """CREATE TABLE IF NOT EXISTS saes (
+        sae_id TEXT PRIMARY KEY, name TEXT, layer INTEGER, model_id TEXT, path TEXT,
+        metrics TEXT, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS sae_features (
+        sae_id TEXT, dataset_id TEXT, feature INTEGER, density DOUBLE, mean_act DOUBLE,
+        max_act DOUBLE, label TEXT, PRIMARY KEY (sae_id, dataset_id, feature))""",
+    """CREATE TABLE IF NOT EXISTS feature_examples (
+        sae_id TEXT, dataset_id TEXT, feature INTEGER, rank INTEGER, idx INTEGER, max_act DOUBLE,
+        PRIMARY KEY (sae_id, dataset_id, feature, rank))""",
     """CREATE TABLE IF NOT EXISTS retrain_cells (
         experiment_id TEXT, method TEXT, mode TEXT, fraction DOUBLE, seed INTEGER,
         trait TEXT, trait_score DOUBLE, capability DOUBLE, n_kept INTEGER, wall_s DOUBLE,
@@ -499,6 +508,67 @@ class Store:
         kept = [ex for i, ex in enumerate(dataset.examples) if i not in removed]
         n = write_jsonl(kept, path)
         return {"path": str(path), "n_kept": n, "n_removed": len(removed)}
+
+    # ------------------------------------------------------------ SAEs and their features
+
+    def add_sae(self, name: str, path: str | os.PathLike, layer: int, model_id: str | None,
+                metrics: dict | None = None) -> str:
+        """Register an SAE folder (sae-lens ``save_model`` layout); relative to the workspace
+        when it lives inside it."""
+        path = Path(path).resolve()
+        try:
+            stored = str(path.relative_to(self.workspace.resolve()))
+        except ValueError:
+            stored = str(path)
+        sae_id = config_hash({"path": str(path), "layer": layer, "model_id": model_id})
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO saes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [sae_id, name, layer, model_id, stored, json.dumps(metrics or {}), _now()])
+        return sae_id
+
+    def saes(self) -> pd.DataFrame:
+        return self._query_df("SELECT * FROM saes ORDER BY created_at")
+
+    def get_sae(self, name_or_id: str) -> dict:
+        rows = self._query_df("SELECT * FROM saes WHERE sae_id = ? OR name = ? "
+                              "ORDER BY (sae_id = ?) DESC, created_at DESC LIMIT 1",
+                              [name_or_id, name_or_id, name_or_id])
+        if rows.empty:
+            raise KeyError(f"no SAE named or with id {name_or_id!r} in {self.path}; "
+                           "train one (the demo world has one) or register a folder")
+        row = rows.iloc[0].to_dict()
+        row["metrics"] = json.loads(row["metrics"])
+        path = Path(row["path"])
+        row["path"] = str(path if path.is_absolute() else self.workspace / path)
+        return row
+
+    def save_feature_data(self, sae_id: str, dataset_id: str, features: pd.DataFrame,
+                          examples: pd.DataFrame) -> None:
+        """Replace the per-feature summary (feature, density, mean_act, max_act, label) and the
+        top-activating examples (feature, rank, idx, max_act) of an SAE over a dataset."""
+        feats = features.assign(sae_id=sae_id, dataset_id=dataset_id)
+        exs = examples.assign(sae_id=sae_id, dataset_id=dataset_id)
+        with self._transaction() as con:
+            con.execute("DELETE FROM sae_features WHERE sae_id = ? AND dataset_id = ?", [sae_id, dataset_id])
+            con.execute("DELETE FROM feature_examples WHERE sae_id = ? AND dataset_id = ?", [sae_id, dataset_id])
+            con.register("new_feats", feats)
+            con.execute("INSERT INTO sae_features SELECT sae_id, dataset_id, feature, density, "
+                        "mean_act, max_act, label FROM new_feats")
+            con.register("new_exs", exs)
+            con.execute("INSERT INTO feature_examples SELECT sae_id, dataset_id, feature, rank, idx, "
+                        "max_act FROM new_exs")
+
+    def sae_features(self, sae_id: str, dataset_id: str) -> pd.DataFrame:
+        return self._query_df("SELECT feature, density, mean_act, max_act, label FROM sae_features "
+                              "WHERE sae_id = ? AND dataset_id = ? ORDER BY feature", [sae_id, dataset_id])
+
+    def feature_examples(self, sae_id: str, dataset_id: str, feature: int) -> pd.DataFrame:
+        """Top-activating examples of one feature, joined with their text."""
+        return self._query_df(
+            "SELECT f.rank, f.idx, f.max_act, e.data_origin, e.prompt, e.response, e.messages "
+            "FROM feature_examples f JOIN examples e ON e.dataset_id = f.dataset_id AND e.idx = f.idx "
+            "WHERE f.sae_id = ? AND f.dataset_id = ? AND f.feature = ? ORDER BY f.rank",
+            [sae_id, dataset_id, int(feature)])
 
     # ------------------------------------------------------------ later issues' results
 
