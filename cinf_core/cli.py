@@ -252,6 +252,70 @@ def _evaluate(p: argparse.ArgumentParser):
     return run
 
 
+@command("retrain", "filter-and-retrain grid for a trait (Figure 2; resumable, shareable)")
+def _retrain(p: argparse.ArgumentParser):
+    from .experiments.retrain import DEFAULT_METHODS, MODES
+
+    p.add_argument("--trait", required=True)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max-cells", type=int, help="stop after computing this many cells")
+
+    def run(args):
+        from .experiments.retrain import RetrainConfig, run_grid
+
+        cfg = RetrainConfig(trait=args.trait, methods=tuple(args.methods), modes=tuple(args.modes),
+                            fractions=tuple(args.fractions), seeds=tuple(args.seeds))
+        progress = Progress(not args.no_progress)
+        try:
+            return run_grid(args.workspace, cfg, progress=progress, max_cells=args.max_cells)
+        finally:
+            progress.close()
+    return run
+
+
+@command("features", "SAE feature data over the training set, and Figure 4 for scored runs")
+def _features(p: argparse.ArgumentParser):
+    p.add_argument("--sae", help="SAE name or id (default: the newest)")
+    p.add_argument("--dataset", default="train")
+    p.add_argument("--model", default="finetuned")
+    p.add_argument("--trait", action="append", help="attribute this trait's IF and CI runs (default: all)")
+    p.add_argument("--top", type=int, default=10)
+
+    def run(args):
+        from .concepts.features import (attribute_run_to_features, compute_feature_data,
+                                        trait_share)
+        from .experiments.evaluate import latest_runs
+        from .methods.runner import cached_model
+        from .store import Store
+
+        store = Store(args.workspace)
+        saes = store.saes()
+        if saes.empty:
+            raise ValueError("no SAE in this workspace; build the demo world or register one")
+        sae = args.sae or saes["sae_id"].iloc[-1]
+        lm = cached_model(store.get_model(args.model)["spec"])
+        progress = Progress(not args.no_progress)
+        try:
+            summary = compute_feature_data(args.workspace, lm, sae, dataset=args.dataset,
+                                           progress=progress)
+        finally:
+            progress.close()
+        shares = {}
+        for trait in args.trait or store.traits():
+            runs = latest_runs(store, trait)
+            for method in ("influence_function", "concept_influence"):
+                if method in runs:
+                    top = attribute_run_to_features(args.workspace, runs[method], sae, k=args.top)
+                    shares.setdefault(trait, {})[method] = {
+                        "trait_share_top": trait_share(top, trait),
+                        "top_features": top["feature"].astype(int).tolist()}
+        return {**summary, "figure4": shares}
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cinf_core",

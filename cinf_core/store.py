@@ -80,7 +80,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS retrain_cells (
         experiment_id TEXT, method TEXT, mode TEXT, fraction DOUBLE, seed INTEGER,
         trait TEXT, trait_score DOUBLE, capability DOUBLE, n_kept INTEGER, wall_s DOUBLE,
-        status TEXT, finished_at TIMESTAMP, PRIMARY KEY (experiment_id, method, mode, fraction, seed))""",
+        status TEXT, finished_at TIMESTAMP, owner TEXT, claimed_at TIMESTAMP,
+        PRIMARY KEY (experiment_id, method, mode, fraction, seed))""",
     """CREATE TABLE IF NOT EXISTS jobs (
         job_id TEXT PRIMARY KEY, kind TEXT, args TEXT, status TEXT, progress DOUBLE,
         message TEXT, pid INTEGER, created_at TIMESTAMP, updated_at TIMESTAMP, result TEXT,
@@ -95,6 +96,22 @@ def _now() -> datetime:
 def config_hash(obj: Any) -> str:
     """Stable 16-hex hash of a JSON-able object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether an owner tag ``host:pid`` names a live process (other hosts count as alive)."""
+    if not owner or ":" not in owner:
+        return False
+    host, pid = owner.rsplit(":", 1)
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_lock_error(err: Exception) -> bool:
@@ -584,13 +601,40 @@ class Store:
         return self._query_df("SELECT feature, grp, influence FROM feature_attributions "
                               "WHERE run_id = ? AND sae_id = ?", [run_id, sae_id])
 
+    def claim_retrain_cell(self, experiment_id: str, cell: dict, owner: str,
+                           stale_after_s: float = 3600.0) -> bool:
+        """Claim a cell for ``owner``; False when it is complete or another live job holds it.
+
+        A claim older than ``stale_after_s`` or held by a process that no longer exists on this
+        host is taken over (its job died).
+        """
+        key = [experiment_id, cell["method"], cell["mode"], float(cell["fraction"]), int(cell["seed"])]
+        with self._transaction() as con:
+            row = con.execute(
+                "SELECT status, owner, claimed_at FROM retrain_cells WHERE experiment_id = ? AND "
+                "method = ? AND mode = ? AND fraction = ? AND seed = ?", key).fetchone()
+            if row is not None:
+                status, holder, claimed_at = row
+                if status == "complete":
+                    return False
+                if status == "running" and holder != owner and _owner_alive(holder) and \
+                        (_now() - claimed_at).total_seconds() < stale_after_s:
+                    return False
+            con.execute(
+                "INSERT OR REPLACE INTO retrain_cells VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
+                "NULL, 'running', NULL, ?, ?)", key + [cell["trait"], owner, _now()])
+        return True
+
     def add_retrain_cell(self, experiment_id: str, cell: dict) -> None:
+        """Record a finished cell (method, mode, fraction, seed, trait, trait_score, capability,
+        n_kept, wall_s)."""
         with self._connect() as con:
             con.execute(
-                "INSERT OR REPLACE INTO retrain_cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO retrain_cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [experiment_id, cell["method"], cell["mode"], float(cell["fraction"]),
                  int(cell["seed"]), cell["trait"], cell.get("trait_score"), cell.get("capability"),
-                 cell.get("n_kept"), cell.get("wall_s"), cell.get("status", "complete"), _now()])
+                 cell.get("n_kept"), cell.get("wall_s"), cell.get("status", "complete"), _now(),
+                 cell.get("owner"), None])
 
     def retrain_cells(self, experiment_id: str | None = None) -> pd.DataFrame:
         if experiment_id is None:
