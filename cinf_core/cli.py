@@ -316,6 +316,21 @@ def _features(p: argparse.ArgumentParser):
     return run
 
 
+@command("memory", "memory per rank for EK-FAC on common model sizes (from the factor shapes)")
+def _memory(p: argparse.ArgumentParser):
+    def run(args):
+        from .methods.memory import memory_table
+
+        rows = memory_table()
+        print(f"{'model':15s} {'setting':36s} {'modules':>7s} {'factors':>9s} {'weights':>9s} "
+              f"{'total GiB':>9s}", file=sys.stderr)
+        for r in rows:
+            print(f"{r['model']:15s} {r['setting']:36s} {r['n_modules']:7d} {r['factor_gib']:9.1f} "
+                  f"{r['weights_gib']:9.1f} {r['total_gib']:9.1f}", file=sys.stderr)
+        return {"memory": rows}
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cinf_core",

@@ -6,6 +6,7 @@ run, and a run that was killed resumes with only its missing examples.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -81,9 +82,40 @@ def _generations(store: Store, lm_gen: LoadedModel, gen_model_id: str, dataset_i
     return [have[i] for i in range(len(examples))]
 
 
-def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
-    """Score the training set with ``cfg.method``; returns the run summary."""
-    store = Store(workspace)
+@dataclass
+class RunPlan:
+    """A resolved scoring request: its inputs from the store and the run it maps to."""
+
+    cfg: ScoreConfig
+    dataset: dict
+    model_row: dict
+    concept: object | None
+    queries: list[dict]
+    run_config: dict
+
+    @property
+    def n_total(self) -> int:
+        return int(self.dataset["n_examples"])
+
+    @property
+    def concept_id(self) -> str | None:
+        return self.concept.concept_id if self.concept is not None else None
+
+    @property
+    def run_id(self) -> str:
+        return run_key(self.cfg.method, self.dataset["dataset_id"], self.model_row["model_id"],
+                       self.run_config, self.concept_id)
+
+
+def run_key(method: str, dataset_id: str, model_id: str | None, config: dict,
+            concept_id: str | None) -> str:
+    """The run id ``Store.begin_run`` gives the same request."""
+    return config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
+                        "concept_id": concept_id, "config": config})
+
+
+def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
+    """Resolve dataset, model, concept and test queries; build the run's identifying config."""
     dataset = store.dataset(cfg.dataset)
     model_row = store.get_model(cfg.model)
     concept = None
@@ -114,17 +146,31 @@ def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
         run_config["queries"] = config_hash([q["messages"] for q in queries])
     if concept is not None:
         run_config["layer"] = concept.layer
-    handle = store.begin_run(cfg.method, dataset["dataset_id"], model_row["model_id"], run_config,
-                             n_total=int(dataset["n_examples"]),
-                             concept_id=concept.concept_id if concept else None)
+    return RunPlan(cfg, dataset, model_row, concept, queries, run_config)
+
+
+def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
+    """Score the training set with ``cfg.method``; returns the run summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the work is split across ranks (see
+    :mod:`cinf_core.methods.distributed`).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import score_distributed
+
+        return score_distributed(workspace, cfg, progress)
+    store = Store(workspace)
+    p = plan(store, cfg)
+    handle = store.begin_run(cfg.method, p.dataset["dataset_id"], p.model_row["model_id"],
+                             p.run_config, n_total=p.n_total, concept_id=p.concept_id)
     summary = {"run_id": handle.run_id, "method": cfg.method, "trait": cfg.trait,
-               "n_examples": int(dataset["n_examples"])}
+               "n_examples": p.n_total}
     if handle.cached:
         info = store.run(handle.run_id)
         return {**summary, "cached": True, "wall_s": info["wall_s"],
                 "examples_per_s": info["examples_per_s"], "timings": info["timings"]}
     try:
-        timings = _compute(store, handle, cfg, dataset, model_row, concept, queries, progress)
+        timings = _compute(store, handle, p, progress)
     except BaseException as err:
         handle.fail(f"{type(err).__name__}: {err}")
         raise
@@ -135,8 +181,8 @@ def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
             "timings": timings}
 
 
-def _compute(store: Store, handle, cfg: ScoreConfig, dataset: dict, model_row: dict, concept,
-             queries: list[dict], progress: Progress) -> dict:
+def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
+    cfg, dataset, model_row, concept, queries = p.cfg, p.dataset, p.model_row, p.concept, p.queries
     timings: dict[str, float] = {}
     n = int(dataset["n_examples"])
     todo = sorted(set(range(n)) - handle.done_indices())

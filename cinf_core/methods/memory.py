@@ -1,0 +1,91 @@
+"""Memory a rank needs, computed from the shapes of the EK-FAC factors.
+
+For a tracked Linear ``in -> out`` EK-FAC keeps the eigenvectors of A (``in x in``), of S
+(``out x out``) and the corrected eigenvalues (``out x in``), all fp32, plus one preconditioned
+behaviour gradient (``out x in``) per behaviour. A rank also holds the model weights and, while
+scoring, the per-example gradients of one module for a batch (``batch x out x in``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Public architecture shapes (from each model's config.json on the hub).
+PRESETS = {
+    "Qwen2.5-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "Llama-3.1-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+}
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    n_modules: int
+    factor_gib: float
+    weights_gib: float
+    batch_grad_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.factor_gib + self.weights_gib + self.batch_grad_gib
+
+    def as_dict(self) -> dict:
+        return {"n_modules": self.n_modules, "factor_gib": round(self.factor_gib, 2),
+                "weights_gib": round(self.weights_gib, 2),
+                "batch_grad_gib": round(self.batch_grad_gib, 2), "total_gib": round(self.total_gib, 2)}
+
+
+def linear_shapes(cfg: dict, kinds: str = "both") -> list[tuple[str, int, int]]:
+    """``(name, in, out)`` of the Linear modules of one Llama/Qwen-style block."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    head = d // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head
+    attn = [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d)]
+    mlp = [("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)]
+    return {"attn": attn, "mlp": mlp, "both": attn + mlp}[kinds]
+
+
+def estimate(cfg: dict, block_stride: int = 1, kinds: str = "both", below_layer: int | None = None,
+             n_behaviours: int = 1, batch_size: int = 8, weight_bytes: int = 2,
+             lora_rank: int | None = None) -> MemoryEstimate:
+    """Memory per rank for EK-FAC over every ``block_stride``-th block (below ``below_layer``).
+
+    With ``lora_rank`` only LoRA A (``in -> r``) and B (``r -> out``) modules are tracked.
+    """
+    n_blocks = cfg["num_hidden_layers"] if below_layer is None else below_layer
+    blocks = list(range(0, n_blocks, block_stride))
+    floats = 0
+    biggest = 0
+    n_modules = 0
+    for _ in blocks:
+        for _, d_in, d_out in linear_shapes(cfg, kinds):
+            pairs = [(d_in, lora_rank), (lora_rank, d_out)] if lora_rank else [(d_in, d_out)]
+            for i, o in pairs:
+                floats += i * i + o * o + (1 + n_behaviours) * i * o
+                biggest = max(biggest, i * o)
+                n_modules += 1
+    params = (cfg["num_hidden_layers"] * sum(i * o for _, i, o in linear_shapes(cfg, "both"))
+              + 2 * cfg["vocab_size"] * cfg["hidden_size"])
+    return MemoryEstimate(n_modules=n_modules, factor_gib=4 * floats / GIB,
+                          weights_gib=weight_bytes * params / GIB,
+                          batch_grad_gib=4 * batch_size * biggest / GIB)
+
+
+def memory_table() -> list[dict]:
+    """The README table: every preset under the settings users run."""
+    rows = []
+    for name, cfg in PRESETS.items():
+        n = cfg["num_hidden_layers"]
+        settings = [
+            ("IF, all blocks", dict()),
+            ("IF, every 4th block", dict(block_stride=4)),
+            ("CI at layer 2L/3, every 4th block", dict(block_stride=4, below_layer=2 * n // 3)),
+            ("LoRA r=32 only, all blocks", dict(lora_rank=32)),
+        ]
+        for label, kwargs in settings:
+            rows.append({"model": name, "setting": label, **estimate(cfg, **kwargs).as_dict()})
+    return rows

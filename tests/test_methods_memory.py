@@ -1,0 +1,22 @@
+import pytest
+
+from cinf_core.methods.memory import PRESETS, estimate, linear_shapes
+
+
+def test_factor_memory_from_shapes():
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=10)
+    shapes = linear_shapes(cfg)
+    assert ("k_proj", 8, 4) in shapes and ("down_proj", 16, 8) in shapes
+    per_block = sum(i * i + o * o + 2 * i * o for _, i, o in shapes)
+    est = estimate(cfg, block_stride=2)
+    assert est.n_modules == 14
+    assert est.factor_gib * 2**30 == pytest.approx(4 * 2 * per_block)
+    assert estimate(cfg, below_layer=1).n_modules == 7
+    assert estimate(cfg, lora_rank=2).n_modules == 2 * 28
+
+
+def test_presets_are_consistent():
+    qwen = estimate(PRESETS["Qwen2.5-7B"], weight_bytes=2)
+    # 7.6B parameters in bf16 ~ 14 GiB
+    assert 13 < qwen.weights_gib < 16
