@@ -1,0 +1,261 @@
+"""Filter and retrain: does removing what a method flags remove the trait? (Figures 2 and 5)
+
+For each cell (method, mode, fraction, seed): rank the fine-tuning set by the method's scores for
+the trait, drop the top (``most``) or bottom (``least``) fraction, retrain the LoRA adapter from the
+base model with the original recipe and the cell's seed, sample answers to the held-out questions,
+score the trait with the judge, and measure capability on held-out normal data of the fine-tuning
+domains (next-token accuracy on response tokens, %). References: the base model (everything
+removed) and the model retrained on everything (0% removed), per seed.
+
+Every cell is a row in the store. A job claims a cell before computing it, so two jobs on the same
+grid split the work; a finished cell is never recomputed; a killed job leaves its claimed cell to
+be taken over and resumes from the cells still missing. Adapters of finished cells are deleted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import paths
+from ..data import ChatExample, collate, encode_dataset
+from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..store import Store, config_hash
+
+DEFAULT_METHODS = ("influence_function", "concept_influence", "vector_filter",
+                   "projection_difference", "random")
+MODES = ("most", "least")
+BASELINE_METHODS = ("base", "all")
+
+Progress = Callable[[str, float], None] | None
+
+
+@dataclass
+class RetrainConfig:
+    """The grid of one filter-and-retrain experiment."""
+
+    trait: str
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    modes: tuple[str, ...] = MODES
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self):
+        from ..methods.runner import METHODS
+
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}; use 'most' and/or 'least'")
+        bad = [f for f in self.fractions if not 0.0 < f < 1.0]
+        if bad:
+            raise ValueError(f"fractions must lie strictly between 0 and 1, got {bad}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+
+@dataclass
+class RetrainEnv:
+    """What the experiment retrains and measures with, read from the workspace."""
+
+    base_spec: ModelSpec
+    train_dataset_id: str
+    heldout_questions: list[str]
+    capability_examples: list[ChatExample]
+    judge_spec: dict
+    lora: dict
+    eval_samples: int = 2
+    eval_temperature: float = 1.0
+    max_new_tokens: int = 64
+    eval_seed: int = 1234
+    extra: dict = field(default_factory=dict)
+
+
+def environment(store: Store) -> RetrainEnv:
+    """The recipe from the workspace: the demo world's, or one set under meta key ``retrain``."""
+    recipe = store.get_meta("retrain")
+    if recipe is None:
+        world = store.get_meta("demo_world")
+        if world is None:
+            raise ValueError("this workspace has no retraining recipe: build the demo world, or set "
+                             "meta 'retrain' with lora recipe and eval settings")
+        cfg = world["config"]
+        recipe = {"lora": cfg["lora"], "eval_samples": cfg["eval_samples"],
+                  "eval_temperature": cfg["eval_temperature"], "max_new_tokens": cfg["max_new_tokens"]}
+    judge = store.get_meta("judge")
+    if judge is None:
+        raise ValueError("this workspace has no judge (meta 'judge'); build the demo world or "
+                         "register a judge spec")
+    heldout = store.load_dataset("heldout")
+    capability = store.load_dataset("capability")
+    return RetrainEnv(
+        base_spec=store.get_model("base")["spec"],
+        train_dataset_id=store.dataset("train")["dataset_id"],
+        heldout_questions=[ex.prompt_text for ex in heldout],
+        capability_examples=list(capability.examples),
+        judge_spec=judge, lora=recipe["lora"],
+        eval_samples=int(recipe.get("eval_samples", 2)),
+        eval_temperature=float(recipe.get("eval_temperature", 1.0)),
+        max_new_tokens=int(recipe.get("max_new_tokens", 64)))
+
+
+def trait_score(lm: LoadedModel, judge, trait: str, questions: Sequence[str], samples: int,
+                temperature: float, max_new_tokens: int, seed: int) -> float:
+    """Mean judge score (0-100) of ``samples`` sampled answers per question, no system prompt."""
+    asked = [q for q in questions for _ in range(samples)]
+    answers = generate(lm, [[{"role": "user", "content": q}] for q in asked],
+                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                       batch_size=64)
+    scores = judge.score(trait, asked, answers)
+    return float(np.mean(scores))
+
+
+@torch.no_grad()
+def capability(lm: LoadedModel, examples: Sequence[ChatExample], max_length: int | None = 256,
+               batch_size: int = 32) -> float:
+    """Next-token accuracy (%) on the response tokens of ``examples`` (greedy prediction)."""
+    encoded, _ = encode_dataset(lm.tokenizer, examples, max_length)
+    hits = total = 0
+    for s in range(0, len(encoded), batch_size):
+        batch = collate(encoded[s:s + batch_size], lm.pad_token_id)
+        logits = lm.model(input_ids=batch["input_ids"].to(lm.device),
+                          attention_mask=batch["attention_mask"].to(lm.device), use_cache=False).logits
+        pred = logits[:, :-1].argmax(-1).cpu()
+        target = batch["labels"][:, 1:]
+        keep = target != -100
+        hits += int((pred[keep] == target[keep]).sum())
+        total += int(keep.sum())
+    if total == 0:
+        raise ValueError("capability data has no response tokens")
+    return 100.0 * hits / total
+
+
+def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: Progress) -> list[int]:
+    """Example indices by descending score of ``method`` for ``trait`` (scoring it if needed)."""
+    from ..methods.runner import ScoreConfig, score
+
+    cfg = ScoreConfig(method=method, trait=trait, seed=seed)
+    run_id = score(store.workspace, cfg, progress=progress)["run_id"]
+    frame = store.scores(run_id)
+    return frame.sort_values("score", ascending=False, kind="stable")["idx"].astype(int).tolist()
+
+
+def kept_indices(order: Sequence[int], mode: str, fraction: float) -> list[int]:
+    """Drop the top (``most``) or bottom (``least``) ``fraction`` of ``order``; keep the rest sorted."""
+    n_remove = int(round(fraction * len(order)))
+    removed = set(order[:n_remove] if mode == "most" else order[len(order) - n_remove:])
+    return sorted(set(order) - removed)
+
+
+def _grid(cfg: RetrainConfig) -> list[dict]:
+    cells = [{"method": "base", "mode": "none", "fraction": 1.0, "seed": 0}]
+    cells += [{"method": "all", "mode": "none", "fraction": 0.0, "seed": s} for s in cfg.seeds]
+    for seed in cfg.seeds:
+        for fraction in cfg.fractions:
+            for method in cfg.methods:
+                for mode in cfg.modes:
+                    cells.append({"method": method, "mode": mode, "fraction": float(fraction),
+                                  "seed": seed})
+    return [{**c, "trait": cfg.trait} for c in cells]
+
+
+def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
+    """Cells with the same trait, data, base model, recipe and evaluation share results."""
+    return config_hash({"trait": cfg.trait, "data": env.train_dataset_id,
+                        "base": env.base_spec.model_id, "lora": env.lora, "judge": env.judge_spec,
+                        "eval": [env.eval_samples, env.eval_temperature, env.max_new_tokens,
+                                 env.eval_seed], "questions": env.heldout_questions,
+                        "capability": len(env.capability_examples)})
+
+
+def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
+             max_cells: int | None = None) -> dict:
+    """Compute every missing cell of the grid (claiming each first); return the summary."""
+    from ..demo.training import LoraRecipe, finetune_lora
+    from .judges import make_judge
+
+    store = Store(workspace)
+    env = environment(store)
+    exp_id = experiment_id(store, cfg, env)
+    judge = make_judge(env.judge_spec)
+    recipe = LoraRecipe(**{**env.lora, "target_modules": tuple(env.lora["target_modules"])})
+    train = store.load_dataset(env.train_dataset_id).examples
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    work_dir = paths.artifact_dir(workspace, "retrain", exp_id)
+    orders: dict[tuple[str, int], list[int]] = {}
+    cells = _grid(cfg)
+    done_here = 0
+    t_grid = time.perf_counter()
+    for k, cell in enumerate(cells):
+        if max_cells is not None and done_here >= max_cells:
+            break
+        if not store.claim_retrain_cell(exp_id, cell, owner):
+            continue
+        t0 = time.perf_counter()
+        try:
+            if cell["method"] == "base":
+                lm, n_kept = load_model(env.base_spec), 0
+            else:
+                if cell["method"] == "all":
+                    keep = list(range(len(train)))
+                else:
+                    seed_key = cell["seed"] if cell["method"] == "random" else 0
+                    key = (cell["method"], seed_key)
+                    if key not in orders:
+                        orders[key] = ranked_indices(store, cell["method"], cfg.trait, seed_key, None)
+                    keep = kept_indices(orders[key], cell["mode"], cell["fraction"])
+                n_kept = len(keep)
+                out = work_dir / f"cell-{k}"
+                finetune_lora(env.base_spec.path, [train[i] for i in keep], recipe, cell["seed"], out)
+                lm = load_model(ModelSpec(path=env.base_spec.path, adapter=str(out)))
+            score = trait_score(lm, judge, cfg.trait, env.heldout_questions, env.eval_samples,
+                                env.eval_temperature, env.max_new_tokens, env.eval_seed + cell["seed"])
+            cap = capability(lm, env.capability_examples)
+        except BaseException:
+            store.add_retrain_cell(exp_id, {**cell, "status": "failed", "owner": owner})
+            raise
+        finally:
+            shutil.rmtree(work_dir / f"cell-{k}", ignore_errors=True)
+        store.add_retrain_cell(exp_id, {**cell, "trait_score": score, "capability": cap,
+                                        "n_kept": n_kept, "wall_s": time.perf_counter() - t0,
+                                        "owner": owner})
+        done_here += 1
+        if progress:
+            progress(f"retrain {cfg.trait}", (k + 1) / len(cells))
+    summary = summarize(store, exp_id, cfg)
+    summary["computed_here"] = done_here
+    summary["grid_seconds"] = round(time.perf_counter() - t_grid, 1)
+    return summary
+
+
+def summarize(store: Store, exp_id: str, cfg: RetrainConfig) -> dict:
+    """Mean and standard error over seeds per (method, mode, fraction)."""
+    frame = store.retrain_cells(exp_id)
+    frame = frame[frame["status"] == "complete"]
+    out = {"trait": cfg.trait, "experiment_id": exp_id, "base": None, "finetuned": None,
+           "cells": [], "n_cells_complete": int(len(frame)), "n_cells_total": len(_grid(cfg))}
+    for (method, mode, fraction), group in frame.groupby(["method", "mode", "fraction"]):
+        scores = group["trait_score"].to_numpy(dtype=float)
+        sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else float("nan")
+        row = {"method": method, "mode": mode, "fraction": float(fraction),
+               "trait_mean": float(scores.mean()), "trait_sem": sem,
+               "capability_mean": float(group["capability"].mean()), "n_seeds": int(len(scores)),
+               "n_kept": int(group["n_kept"].iloc[0]), "wall_s_mean": float(group["wall_s"].mean())}
+        if method == "base":
+            out["base"] = row["trait_mean"]
+            out["base_capability"] = row["capability_mean"]
+        elif method == "all":
+            out["finetuned"] = row["trait_mean"]
+            out["finetuned_sem"] = sem
+            out["finetuned_capability"] = row["capability_mean"]
+        out["cells"].append(row)
+    return out
