@@ -82,6 +82,21 @@ def _demo(p: argparse.ArgumentParser):
     return run
 
 
+# Streamlit runs a ``pages/`` folder next to the entry script as an old-style multipage app until
+# some session has called ``st.navigation``; declaring it up front keeps every deep link in the frame.
+_LAUNCH = ("import sys; from streamlit.runtime.pages_manager import PagesManager; "
+           "PagesManager.uses_pages_directory = False; from streamlit.web.cli import main; "
+           "sys.exit(main())")
+
+
+def streamlit_command(address: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The command that serves ``app.py`` (the app and its end-to-end test both use it)."""
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    return [sys.executable, "-c", _LAUNCH, "run", str(app), "--server.address", address,
+            "--server.port", str(port), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false"]
+
+
 @command("app", "build the demo world if missing, then open the Streamlit app")
 def _app(p: argparse.ArgumentParser):
     p.add_argument("--port", type=int, default=8501)
@@ -99,10 +114,8 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
-        app = Path(__file__).resolve().parent.parent / "app.py"
         env = dict(os.environ, CINF_WORKSPACE=str(Path(args.workspace).resolve()))
-        cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
-               "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+        cmd = streamlit_command(args.address, args.port)
         print(f"open http://{args.address}:{args.port}", file=sys.stderr)
         code = subprocess.call(cmd, env=env)
         return {"app": "stopped", "exit_code": code}

@@ -1,0 +1,393 @@
+"""Background jobs: long work runs outside the app's script runs and reports progress.
+
+``start_job(workspace, kind, args)`` records the job in the store and spawns a detached runner,
+``python -m cinf_core.jobs run JOB_ID --workspace W`` (its own session, so it outlives reruns, page
+switches and the app). The runner starts the job's command as a child and is the only one that
+writes the job's row: it parses the child's progress lines (``stage: 42%|...``, the format of the
+CLI's progress bars) from stderr, tees stderr to ``<workspace>/artifacts/jobs/JOB_ID.log``, and at
+the end stores ``result`` (the last JSON line of stdout, as every CLI command prints one) and, on
+failure, ``error`` in plain words (the last message line, never a traceback).
+
+A job kind names either a CLI subcommand (``python -m cinf_core score ...``) or an engine function
+``module:function`` run by ``python -m cinf_core.jobs call`` with the job's args as keyword
+arguments (plus ``workspace`` and ``progress`` when the function takes them). A kind whose
+command or function is not in this version of cinf is refused up front with a clear message.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed", "cancelled")
+PROGRESS_EVERY_S = 0.5
+_PROGRESS_RE = re.compile(r"^(?P<stage>.*?):\s*(?P<pct>\d{1,3})%\|")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class JobUnavailable(RuntimeError):
+    """The job kind's command or engine function does not exist in this version of cinf."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What a job runs: a ``python -m cinf_core`` subcommand or a ``module:function``."""
+
+    name: str
+    title: str
+    command: str | None = None
+    function: str | None = None
+
+
+JOB_KINDS: dict[str, JobKind] = {k.name: k for k in [
+    JobKind("demo", "Build the demo world", command="demo"),
+    JobKind("score", "Score the training set", command="score"),
+    JobKind("retrain", "Filter and retrain experiment", command="retrain"),
+    JobKind("features", "SAE feature data and attribution", command="features"),
+    JobKind("evaluate", "Evaluate methods against labels", command="evaluate"),
+    JobKind("add-dataset", "Register a dataset", command="add-dataset"),
+    JobKind("add-model", "Register a model", command="add-model"),
+    JobKind("datasets", "List datasets", command="datasets"),
+    # Concept builders at workspace level: load the model, build, save the concept, return a
+    # summary dict (the builders in concepts/ take a loaded model and return tensors).
+    JobKind("persona_vector", "Extract a persona vector",
+            function="cinf_core.concepts.builders:make_persona_vector"),
+    JobKind("probe", "Train a linear probe", function="cinf_core.concepts.builders:make_probe"),
+    JobKind("sae_feature", "Make an SAE-feature concept",
+            function="cinf_core.concepts.sae:make_sae_feature_concept"),
+]}
+
+
+# ---------------------------------------------------------------- paths and argv
+
+def _workspace(workspace) -> Path:
+    return paths.workspace_path(workspace).resolve()
+
+
+def job_log_path(workspace, job_id: str) -> Path:
+    return paths.artifact_dir(workspace, paths.JOBS_DIR) / f"{job_id}.log"
+
+
+def job_stdout_path(workspace, job_id: str) -> Path:
+    return paths.artifact_dir(workspace, paths.JOBS_DIR) / f"{job_id}.out"
+
+
+def command_argv(command: str, args: dict[str, Any]) -> list[str]:
+    """CLI arguments from a job's args: ``positional`` first, then ``--key value`` options
+    (``True`` is a bare flag, ``False``/``None`` are left out, lists repeat the values)."""
+    argv = [command, *map(str, args.get("positional", []))]
+    for key, value in args.items():
+        if key == "positional" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def job_argv(kind: JobKind, args: dict[str, Any], workspace) -> list[str]:
+    """The child process's full command line."""
+    ws = str(_workspace(workspace))
+    if kind.command is not None:
+        return [sys.executable, "-m", "cinf_core", *command_argv(kind.command, args),
+                "--workspace", ws]
+    return [sys.executable, "-m", "cinf_core.jobs", "call", kind.function, "--workspace", ws,
+            "--args-json", json.dumps(args)]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH")] if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------- availability
+
+def unavailable_reason(kind: str) -> str | None:
+    """None when the kind can run here, else a sentence saying what is missing."""
+    if kind not in JOB_KINDS:
+        return f"unknown job kind {kind!r}; known kinds: {', '.join(JOB_KINDS)}"
+    spec = JOB_KINDS[kind]
+    if spec.command is not None:
+        from .cli import COMMANDS
+
+        if spec.command not in COMMANDS:
+            return (f"`python -m cinf_core {spec.command}` is not in this version of cinf yet; "
+                    "update cinf or run the step by hand")
+        return None
+    module, _, name = spec.function.partition(":")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found or not hasattr(importlib.import_module(module), name):
+        return (f"the engine function `{spec.function}` is not in this version of cinf yet, so "
+                f"'{spec.title}' cannot run; update cinf")
+    return None
+
+
+# ---------------------------------------------------------------- the app side
+
+def start_job(workspace, kind: str, args: dict[str, Any] | None = None) -> str:
+    """Record a job and start it in the background; returns its id at once."""
+    from .store import Store
+
+    reason = unavailable_reason(kind)
+    if reason is not None:
+        raise JobUnavailable(reason)
+    args = dict(args or {})
+    ws = _workspace(workspace)
+    store = Store(ws)
+    job_id = store.create_job(kind, args)
+    runner_log = paths.artifact_dir(ws, paths.JOBS_DIR) / f"{job_id}.runner.log"
+    with open(runner_log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cinf_core.jobs", "run", job_id, "--workspace", str(ws)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+            env=_child_env(), start_new_session=True)
+    # Reap the runner when it ends so it never lingers as a zombie of the app process.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    store.update_job(job_id, pid=proc.pid)
+    return job_id
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def job_state(store, job_id: str, stale_after_s: float = 10.0) -> dict:
+    """The job's row from ``store``; a job whose runner is gone without finishing is marked
+    failed."""
+    job = store.job(job_id)
+    if job["status"] in ACTIVE:
+        age = time.time() - _timestamp(job["updated_at"])
+        if age > stale_after_s and not _alive(job["pid"]):
+            store.update_job(job_id, status="failed",
+                             error="the job's process ended without reporting (killed or crashed);"
+                                   f" see {job_log_path(store.workspace, job_id)}")
+            job = store.job(job_id)
+    return job
+
+
+def _timestamp(value) -> float:
+    """Seconds since the epoch of a naive-UTC timestamp from the store."""
+    import pandas as pd
+
+    if value is None:
+        return 0.0
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return ts.timestamp()
+
+
+def cancel_job(workspace, job_id: str) -> None:
+    """Stop a running job (its runner and the command, one process group) and mark it."""
+    from .store import Store
+
+    store = Store(workspace)
+    job = store.job(job_id)
+    if job["status"] not in ACTIVE:
+        return
+    if job["pid"] and _alive(job["pid"]):
+        try:
+            os.killpg(int(job["pid"]), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    store.update_job(job_id, status="cancelled", message="cancelled by the user")
+
+
+def log_tail(workspace, job_id: str, n_lines: int = 30) -> str:
+    """The last lines of a job's stderr log, progress-bar redraws removed."""
+    path = job_log_path(workspace, job_id)
+    if not path.exists():
+        return ""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return "\n".join(lines[-n_lines:])
+
+
+# ---------------------------------------------------------------- the runner side
+
+def parse_progress(segment: str) -> tuple[str, float] | None:
+    """``(stage, fraction)`` from one progress-bar redraw, else None."""
+    m = _PROGRESS_RE.match(_ANSI_RE.sub("", segment).strip())
+    if m is None:
+        return None
+    return m.group("stage").strip(), min(int(m.group("pct")), 100) / 100.0
+
+
+def plain_error(stderr_lines: list[str]) -> str:
+    """The last message line of stderr in plain words (exception class and traceback dropped)."""
+    for line in reversed(stderr_lines):
+        text = _ANSI_RE.sub("", line).strip()
+        if not text or parse_progress(text) or text.startswith(("File ", "Traceback", "^", "~")):
+            continue
+        text = re.sub(r"^error:\s*", "", text)
+        text = re.sub(r"^([A-Za-z_][\w.]*(Error|Exception|Unavailable|Interrupt)):\s*", "", text)
+        return text
+    return "the job failed without a message"
+
+
+def last_json_line(text: str) -> dict | None:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def run_job(workspace, job_id: str) -> int:
+    """Run a recorded job to the end, keeping its row up to date. Returns the exit code."""
+    from .store import Store
+
+    store = Store(workspace)
+    job = store.job(job_id)
+    kind = JOB_KINDS.get(job["kind"])
+    if kind is None:
+        store.update_job(job_id, status="failed", error=f"unknown job kind {job['kind']!r}")
+        return 2
+    argv = job_argv(kind, job["args"] or {}, store.workspace)
+    store.update_job(job_id, status="running", progress=0.0, message="starting",
+                     pid=os.getpid())
+    log_path = job_log_path(store.workspace, job_id)
+    out_path = job_stdout_path(store.workspace, job_id)
+    lines: list[str] = []
+    last_write, pending = 0.0, None
+    with open(out_path, "wb") as out, open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+                                cwd=str(REPO_ROOT), env=_child_env())
+        buf = b""
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *segments, buf = re.split(rb"[\r\n]", buf)
+            for raw in segments:
+                text = raw.decode(errors="replace")
+                progress = parse_progress(text)
+                if progress is not None:
+                    pending = progress
+                elif text.strip():
+                    lines.append(text)
+                    log.write(raw + b"\n")
+                    log.flush()
+            now = time.monotonic()
+            if pending is not None and now - last_write >= PROGRESS_EVERY_S:
+                store.update_job(job_id, progress=pending[1], message=pending[0])
+                last_write, pending = now, None
+        if buf.strip():
+            lines.append(buf.decode(errors="replace"))
+            log.write(buf + b"\n")
+        code = proc.wait()
+    result = last_json_line(out_path.read_text(errors="replace"))
+    if code == 0 and not (result or {}).get("error"):
+        store.update_job(job_id, status="done", progress=1.0, message="done", result=result)
+        return 0
+    error = (result or {}).get("error") or plain_error(lines) or f"exit code {code}"
+    store.update_job(job_id, status="failed", message=f"failed (exit code {code})",
+                     result=result, error=str(error))
+    return code or 1
+
+
+def call_function(workspace, function: str, args: dict[str, Any]) -> dict:
+    """Run ``module:function`` with the job's args (plus workspace/store/progress if taken)."""
+    from .cli import Progress
+
+    module, _, name = function.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    params = inspect.signature(fn).parameters
+    kwargs = dict(args)
+    progress = Progress()
+    if "workspace" in params:
+        kwargs["workspace"] = str(workspace)
+    if "store" in params:
+        from .store import Store
+
+        kwargs["store"] = Store(workspace)
+    if "progress" in params:
+        kwargs["progress"] = progress
+    try:
+        result = fn(**kwargs)
+    finally:
+        progress.close()
+    if isinstance(result, dict):
+        return result
+    return {"result": str(result)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cinf_core.jobs",
+                                     description="run a background job of the cinf app")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run a job recorded in the store")
+    p_run.add_argument("job_id")
+    p_run.add_argument("--workspace", required=True)
+    p_call = sub.add_parser("call", help="call an engine function and print its JSON result")
+    p_call.add_argument("function", help="module:function")
+    p_call.add_argument("--workspace", required=True)
+    p_call.add_argument("--args-json", default="{}")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        try:
+            return run_job(args.workspace, args.job_id)
+        except Exception as err:  # noqa: BLE001 — the row must say why the runner died
+            from .store import Store
+
+            Store(args.workspace).update_job(args.job_id, status="failed",
+                                             error=f"the job runner failed: {err}")
+            raise
+    from .cli import emit
+
+    try:
+        result = call_function(args.workspace, args.function, json.loads(args.args_json))
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        emit({"error": str(message), "function": args.function})
+        return 2
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""What every page shares: the workspace, cached store reads, empty states and live job panels.
+
+Reads are cached per workspace and keyed by the store file's version (mtime and size), so a page
+rerun costs nothing until a job writes; big frames (scored examples) are cached as resources —
+one shared copy, never mutated by the pages.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from cinf_core import jobs, paths, ui_data
+from cinf_core.store import Store
+
+WORKSPACE_KEY = "workspace"
+JOB_POLL_S = 1.0
+
+
+def default_workspace() -> str:
+    return os.environ.get("CINF_WORKSPACE", "workspace")
+
+
+def workspace() -> str:
+    """The workspace folder picked in the sidebar (absolute path)."""
+    ws = st.session_state.get(WORKSPACE_KEY) or default_workspace()
+    return str(Path(ws).expanduser().resolve())
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _store(ws: str) -> Store:
+    return Store(ws)
+
+
+def store() -> Store | None:
+    """The workspace's Store, or None while the folder has no store yet (never creates one)."""
+    ws = workspace()
+    if not (Path(ws) / paths.STORE_FILE).exists():
+        return None
+    return _store(ws)
+
+
+def ensure_store() -> Store:
+    """The workspace's Store, created when missing (for actions that write)."""
+    return _store(workspace())
+
+
+def version() -> str:
+    return ui_data.store_version(workspace())
+
+
+@st.cache_data(show_spinner=False, max_entries=128, ttl=3600)
+def _read(ws: str, ver: str, method: str, *args) -> pd.DataFrame:
+    return getattr(_store(ws), method)(*args)
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def _read_big(ws: str, ver: str, method: str, *args) -> pd.DataFrame:
+    return getattr(_store(ws), method)(*args)
+
+
+def read(method: str, *args) -> pd.DataFrame:
+    """A cached Store read returning a frame: ``read("runs")``, ``read("scores", run_id)``."""
+    if store() is None:
+        return pd.DataFrame()
+    return _read(workspace(), version(), method, *args)
+
+
+def read_big(method: str, *args) -> pd.DataFrame:
+    """Like ``read`` for large frames; the result is shared — do not mutate it."""
+    if store() is None:
+        return pd.DataFrame()
+    return _read_big(workspace(), version(), method, *args)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _runs_view(ws: str, ver: str) -> pd.DataFrame:
+    s = _store(ws)
+    return ui_data.runs_table(s.runs(), s.concepts(), s.datasets())
+
+
+def runs_view() -> pd.DataFrame:
+    """Every run with readable trait/concept/dataset names (see ``ui_data.runs_table``)."""
+    if store() is None:
+        return ui_data.runs_table(pd.DataFrame())
+    return _runs_view(workspace(), version())
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _meta(ws: str, ver: str, key: str):
+    return _store(ws).get_meta(key)
+
+
+def meta(key: str):
+    return None if store() is None else _meta(workspace(), version(), key)
+
+
+# ---------------------------------------------------------------- presentation
+
+def header(title: str, caption: str) -> None:
+    st.title(title)
+    st.caption(caption)
+
+
+def empty_state(message: str, next_step: str | None = None) -> None:
+    """A clear 'nothing here yet' box that says what to do next."""
+    st.info(message + (f"\n\n**Next step:** {next_step}" if next_step else ""),
+            icon=":material/lightbulb:")
+
+
+def no_store_state() -> None:
+    empty_state(f"There is no cinf workspace at `{workspace()}` yet.",
+                "open **Overview** and build the demo world, pick another folder in the sidebar, "
+                "or run `python -m cinf_core demo --workspace <folder>`.")
+
+
+def method_explainer(methods) -> None:
+    """An expander with each method's formula and a one-line explanation."""
+    with st.expander("What do the methods compute?"):
+        st.caption(ui_data.SIGN_CONVENTION)
+        for m in sorted(set(methods), key=ui_data.method_sort_key):
+            if m in ui_data.METHOD_FORMULAS:
+                st.markdown(f"**{ui_data.method_label(m)}** — {ui_data.METHOD_EXPLANATIONS[m]}")
+                st.latex(ui_data.METHOD_FORMULAS[m])
+
+
+def style_fig(fig: go.Figure, height: int = 380, legend: str = "top") -> go.Figure:
+    """Common layout: the title on top, then the legend (``top``), or the legend ``bottom`` /
+    ``right`` when it has many entries or the figure has subplot titles."""
+    legends = {
+        "top": dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left", title=None),
+        "bottom": dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left", title=None),
+        "right": dict(orientation="v", yanchor="top", y=1, x=1.02, xanchor="left", title=None),
+    }
+    margin = dict(l=10, r=10, t=90 if legend == "top" else 60, b=100 if legend == "bottom" else 10)
+    fig.update_layout(height=height, margin=margin, legend=legends[legend],
+                      title=dict(y=0.98, yanchor="top", x=0, xanchor="left"))
+    return fig
+
+
+def chart(fig: go.Figure, key: str | None = None) -> None:
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+# ---------------------------------------------------------------- jobs
+
+def _job_key(slot: str) -> str:
+    return f"job:{slot}"
+
+
+def job_launcher(slot: str, label: str, kind: str, args: dict, *, help: str | None = None,
+                 disabled: bool = False, button_type: str = "primary") -> None:
+    """A button that starts a background job, then that job's live panel (per ``slot``)."""
+    reason = jobs.unavailable_reason(kind)
+    if reason is not None:
+        st.button(label, key=f"btn:{slot}", disabled=True, help=reason, type=button_type)
+        st.warning(f"Not available yet: {reason}.", icon=":material/construction:")
+    elif st.button(label, key=f"btn:{slot}", disabled=disabled, help=help, type=button_type):
+        try:
+            st.session_state[_job_key(slot)] = jobs.start_job(workspace(), kind, args)
+        except (jobs.JobUnavailable, OSError, RuntimeError, ValueError) as err:
+            st.error(f"Could not start the job: {err}")
+    job_panel(slot)
+
+
+def job_panel(slot: str) -> dict | None:
+    """The job started from ``slot``: a live progress bar while it runs, then its result."""
+    job_id = st.session_state.get(_job_key(slot))
+    if not job_id or store() is None:
+        return None
+    try:
+        job = jobs.job_state(store(), job_id)
+    except KeyError:
+        st.session_state.pop(_job_key(slot), None)
+        return None
+    if job["status"] in jobs.ACTIVE:
+        _live_job(job_id)
+    else:
+        show_finished_job(job)
+    return job
+
+
+@st.fragment(run_every=JOB_POLL_S)
+def _live_job(job_id: str) -> None:
+    job = jobs.job_state(store(), job_id)
+    title = jobs.JOB_KINDS[job["kind"]].title if job["kind"] in jobs.JOB_KINDS else job["kind"]
+    if job["status"] in jobs.ACTIVE:
+        progress = float(job["progress"] or 0.0)
+        st.progress(min(max(progress, 0.0), 1.0),
+                    text=f"{title}: {job['message'] or job['status']} ({progress:.0%})")
+        if st.button("Cancel", key=f"cancel:{job_id}"):
+            jobs.cancel_job(workspace(), job_id)
+            st.rerun()
+    else:
+        # The job just ended: rerun the whole page so its data and the result show.
+        st.rerun()
+
+
+def show_finished_job(job: dict) -> None:
+    title = jobs.JOB_KINDS[job["kind"]].title if job["kind"] in jobs.JOB_KINDS else job["kind"]
+    if job["status"] == "done":
+        st.success(f"{title}: done.", icon=":material/check_circle:")
+        if job["result"]:
+            with st.expander("Result"):
+                st.json(job["result"])
+    elif job["status"] == "cancelled":
+        st.warning(f"{title}: cancelled.")
+    else:
+        st.error(f"{title} failed: {job['error'] or 'no message'}")
+        tail = jobs.log_tail(workspace(), job["job_id"])
+        if tail:
+            with st.expander("Log"):
+                st.code(tail, language=None)
+
+
+# ---------------------------------------------------------------- picking runs
+
+def pick_scope(runs: pd.DataFrame, key: str, container=None) -> tuple[str, str, pd.DataFrame]:
+    """Trait and dataset selectboxes over complete runs; returns ``(trait, dataset_id, runs)``
+    with one (latest) complete run per method for that scope."""
+    where = container or st
+    done = runs[runs["status"] == "complete"]
+    traits = sorted(done["trait"].unique())
+    trait = where.selectbox("Trait / concept", traits, key=f"{key}:trait",
+                            help="The trait a run attributes (its concept or test queries).")
+    in_trait = done[done["trait"] == trait]
+    ds_ids = list(dict.fromkeys(in_trait["dataset_id"]))
+    names = dict(zip(in_trait["dataset_id"], in_trait["dataset"]))
+    dataset_id = ds_ids[0]
+    if len(ds_ids) > 1:
+        dataset_id = where.selectbox("Dataset", ds_ids, format_func=names.get, key=f"{key}:ds")
+    return trait, dataset_id, ui_data.latest_complete_runs(runs, trait, dataset_id)
+
+
+def pick_method(scope: pd.DataFrame, label: str, key: str, default: str = "concept_influence",
+                exclude: str | None = None, container=None) -> pd.Series | None:
+    """A method selectbox over the scope's runs; returns that method's run row."""
+    where = container or st
+    methods = [m for m in scope["method"] if m != exclude]
+    if not methods:
+        return None
+    index = methods.index(default) if default in methods else 0
+    method = where.selectbox(label, methods, index=index, format_func=ui_data.method_label,
+                             key=key)
+    return scope[scope["method"] == method].iloc[0]

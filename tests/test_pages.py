@@ -1,0 +1,245 @@
+"""Every page of the app through streamlit's AppTest, on a small prebuilt workspace."""
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from workspace_fixture import build_workspace
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["pages/overview.py", "pages/influential_examples.py", "pages/concepts.py",
+         "pages/sae_features.py", "pages/method_agreement.py", "pages/filter_retrain.py",
+         "pages/runs_cost.py"]
+TIMEOUT = 120
+BINARY = "application/octet-stream"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    return build_workspace(tmp_path_factory.mktemp("app_ws"), model_dir=tiny_model_dir)
+
+
+def open_page(monkeypatch, workspace, page: str) -> AppTest:
+    monkeypatch.setenv("CINF_WORKSPACE", str(workspace))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if page != PAGES[0]:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [i.value for i in at.info] + [w.value for w in at.warning]
+    parts += [t.value for t in at.title] + [s.value for s in at.subheader]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_on_the_workspace(monkeypatch, workspace, page):
+    at = open_page(monkeypatch, workspace, page)
+    assert not at.error, [e.value for e in at.error]
+    assert at.title, "every page has a title"
+    assert not any("There is no cinf workspace" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_shows_empty_state_on_an_empty_workspace(monkeypatch, tmp_path, page):
+    from cinf_core.store import Store
+
+    Store(tmp_path)
+    at = open_page(monkeypatch, tmp_path, page)
+    assert at.info, "an empty workspace shows an empty state"
+    assert any("Next step" in i.value for i in at.info)
+
+
+def test_missing_workspace_is_not_created(monkeypatch, tmp_path):
+    target = tmp_path / "nowhere"
+    at = open_page(monkeypatch, target, "pages/runs_cost.py")
+    assert any("There is no cinf workspace" in i.value for i in at.info)
+    assert not (target / "cinf.duckdb").exists()
+    at = open_page(monkeypatch, target, "pages/overview.py")
+    assert any(b.label == "Build the demo world" for b in at.button)
+
+
+def test_overview_lists_the_workspace(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, PAGES[0])
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Datasets"] == "1" and metrics["Concepts"] == "2"
+    assert metrics["Complete runs"] == "9"
+    assert "quick world" in texts(at)
+
+
+def test_workspace_picker_switches_workspace(monkeypatch, workspace, tmp_path):
+    at = open_page(monkeypatch, workspace, PAGES[0])
+    at.text_input(key="workspace").set_value(str(tmp_path / "other")).run()
+    assert any("empty" in i.value for i in at.info)
+
+
+def open_tab(at: AppTest, key: str, label: str) -> AppTest:
+    """Select a lazy tab (st.tabs with on_change="rerun") the way a click would."""
+    at.session_state[key] = label
+    return at.run()
+
+
+def test_influential_examples_widgets(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/influential_examples.py")
+    assert at.selectbox(key="ie:trait").value == "evil"
+    assert at.selectbox(key="ie:method").value == "concept_influence"
+    top = at.dataframe[0].value
+    assert len(top) == 10 and (top["data_origin"] == "evil").mean() > 0.5
+    at.slider(key="ie:k").set_value(20).run()
+    assert len(at.dataframe[0].value) == 20
+    at.selectbox(key="ie:method").set_value("random").run()
+    assert not at.exception
+
+    open_tab(at, "ie:tab", "Score distribution")
+    assert any(m.label.startswith("AUC-PR") for m in at.metric)
+    assert at.selectbox(key="ie:nq").value == 5
+
+    open_tab(at, "ie:tab", "Browse & filter")
+    at.text_input(key="ie:text").set_value("suffer").run()
+    assert "examples match" in texts(at)
+    assert at.dataframe[0].value["response"].str.contains("suffer").all()
+    at.multiselect(key="ie:labels").set_value(["normal"]).run()
+    assert at.dataframe[0].value.empty
+
+    open_tab(at, "ie:tab", "Compare methods")
+    at.selectbox(key="ie:other").set_value("vector_filter").run()
+    assert any(m.label == "Spearman rank correlation" for m in at.metric)
+    assert len(at.dataframe) == 2
+
+    open_tab(at, "ie:tab", "Export")
+    assert any(b.label.startswith("Download filtered") for b in at.get("download_button"))
+    assert "keeps 54" in texts(at)
+    assert not at.exception
+
+
+def test_influential_examples_token_highlighting(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/influential_examples.py")
+    at.toggle(key="ie:top:hl").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.warning, [w.value for w in at.warning]
+    assert at.html and "rgba(" in at.html[0].value
+
+
+def test_concepts_page_norms_cosines_and_upload(monkeypatch, workspace):
+    import torch
+
+    at = open_page(monkeypatch, workspace, "pages/concepts.py")
+    assert {"evil", "sycophantic"} <= set(at.dataframe[0].value["name"])
+    assert len(at.get("plotly_chart")) == 2  # norms per layer, cosine heatmap
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).normal(size=32).astype(np.float32))
+    at.file_uploader(key="upload:file").set_value(("v.npy", buf.getvalue(), BINARY))
+    at.text_input(key="upload:name").set_value("my-vector")
+    at.run()
+    at.button(key="upload:save").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert any("Saved concept 'my-vector'" in s.value for s in at.success)
+    at.run()
+    assert "my-vector" in set(at.dataframe[0].value["name"])
+    bad = io.BytesIO()
+    torch.save(torch.zeros(7), bad)
+    at.file_uploader(key="upload:file").set_value(("bad.pt", bad.getvalue(), BINARY))
+    at.run()
+    at.button(key="upload:save").click().run()
+    assert any("Could not save the concept" in e.value for e in at.error)
+
+
+def test_concept_forms_explain_missing_engine_functions(monkeypatch, workspace):
+    from cinf_core import jobs
+
+    at = open_page(monkeypatch, workspace, "pages/concepts.py")
+    submit = [b for b in at.button if b.label == "Extract persona vector"]
+    assert submit
+    submit[0].click().run()
+    launcher = at.button(key="btn:concept:persona")
+    if jobs.unavailable_reason("persona_vector"):
+        assert launcher.disabled and any("Not available yet" in w.value for w in at.warning)
+    else:
+        assert not launcher.disabled
+
+
+def test_sae_page_figure4_and_search(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/sae_features.py")
+    assert any("not public" in m.value for m in at.markdown)
+    assert len(at.get("plotly_chart")) >= 3
+    assert any(m.label.startswith("Share from") for m in at.metric)
+    at.text_input(key="sae:q").set_value("pain").run()
+    options = at.selectbox(key="sae:feature").options
+    assert options and all("pain" in o for o in options)
+    assert any("fires most" in m.value for m in at.markdown)
+
+
+def test_sae_page_without_attributions_still_browses_features(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/sae_features.py")
+    at.selectbox(key="sae:trait").set_value("sycophantic").run()
+    assert any("No feature attributions for 'sycophantic'" in i.value for i in at.info)
+    assert at.button(key="btn:sae:features").label == "Compute feature data and attributions"
+    assert at.selectbox(key="sae:feature").options  # the most active features
+
+
+def test_method_agreement_toggles_and_pairs(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/method_agreement.py")
+    spearman = [m.value for m in at.metric if m.label == "Spearman r"][0]
+    at.radio(key="ma:kind").set_value("pearson").run()
+    assert [m.value for m in at.metric if m.label == "Pearson r"]
+    at.selectbox(key="ma:b").set_value("random").run()
+    assert [m.value for m in at.metric if m.label == "Pearson r"][0] != spearman
+    auc = at.dataframe[0].value.set_index("method")["AUC-PR"]
+    assert auc["Concept Influence"] > auc["Random"]
+
+
+def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/filter_retrain.py")
+    assert len(at.get("plotly_chart")) == 2
+    at.radio(key="fr:value").set_value("capability").run()
+    assert not at.exception
+    submit = [b for b in at.button if b.label == "Prepare experiment"][0]
+    submit.click().run()
+    assert at.button(key="btn:fr:retrain").label.startswith("Start filter-and-retrain")
+    assert "retrained models" in texts(at)
+
+
+def test_runs_cost_speedups(monkeypatch, workspace):
+    at = open_page(monkeypatch, workspace, "pages/runs_cost.py")
+    labels = {m.label for m in at.metric}
+    assert "IF / VF time per example" in labels and "CI / VF time per example" in labels
+    at.selectbox(key="rc:run").select_index(2).run()
+    assert at.json
+
+
+@pytest.mark.slow
+def test_scoring_job_from_the_page_reports_its_outcome(monkeypatch, workspace):
+    """Start a real background scoring job from Runs & cost and follow it to the end."""
+    at = open_page(monkeypatch, workspace, "pages/runs_cost.py")
+    [b for b in at.button if b.label == "Prepare scoring run"][0].click().run()
+    at.button(key="btn:rc:score").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["job:rc:score"]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        at.run()
+        if at.success or at.error:
+            break
+        assert at.get("progress") or at.success or at.error
+        time.sleep(1.0)
+    assert at.success or at.error, "the job finished"
+    outcome = (at.success or at.error)[0].value
+    assert "Score the training set" in outcome
+
+
+@pytest.mark.slow
+def test_benchmark_100k_examples(tmp_path, capsys):
+    """Page load on a 100k-example run (printed, not asserted: timings depend on the machine)."""
+    from workspace_fixture import benchmark_pages
+
+    timings = benchmark_pages(tmp_path)
+    with capsys.disabled():
+        print("\npage load with 100k scored examples (cold / fresh / cached):")
+        for page, (cold, fresh, cached) in timings.items():
+            print(f"  {page:40s} {cold:6.2f} s / {fresh:6.2f} s / {cached:6.2f} s")
