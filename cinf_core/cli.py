@@ -215,8 +215,7 @@ def _export(p: argparse.ArgumentParser):
     return run
 
 
-@command("score", "score the training set with one method (cached; resumes a killed run)")
-def _score(p: argparse.ArgumentParser):
+def _score_arguments(p: argparse.ArgumentParser) -> None:
     from .methods.runner import METHODS
 
     p.add_argument("--method", required=True, choices=METHODS)
@@ -232,19 +231,43 @@ def _score(p: argparse.ArgumentParser):
     p.add_argument("--n-queries", type=int, help="use only the top-n test queries")
     p.add_argument("--damping", type=float, help="EK-FAC damping (influence methods)")
 
-    def run(args):
-        from .methods.runner import ScoreConfig, score
 
-        curvature = {} if args.damping is None else {"damping": args.damping}
-        cfg = ScoreConfig(method=args.method, trait=args.trait, concept=args.concept,
-                          dataset=args.dataset, model=args.model, batch_size=args.batch_size,
-                          max_length=args.max_length, seed=args.seed, generator=args.generator,
-                          n_queries=args.n_queries, curvature=curvature)
-        progress = Progress(not args.no_progress)
+def _score_config(args):
+    from .methods.runner import ScoreConfig
+
+    curvature = {} if args.damping is None else {"damping": args.damping}
+    return ScoreConfig(method=args.method, trait=args.trait, concept=args.concept,
+                       dataset=args.dataset, model=args.model, batch_size=args.batch_size,
+                       max_length=args.max_length, seed=args.seed, generator=args.generator,
+                       n_queries=args.n_queries, curvature=curvature)
+
+
+@command("score", "score the training set with one method (cached; resumes a killed run; "
+                  "under torchrun the work is split across ranks)")
+def _score(p: argparse.ArgumentParser):
+    _score_arguments(p)
+
+    def run(args):
+        from .methods.runner import score
+
+        cfg = _score_config(args)
+        rank = int(os.environ.get("RANK", "0"))
+        progress = Progress(not args.no_progress and rank == 0)
         try:
             return score(args.workspace, cfg, progress=progress)
         finally:
             progress.close()
+    return run
+
+
+@command("merge", "load the finished shards of a distributed run into the store")
+def _merge(p: argparse.ArgumentParser):
+    _score_arguments(p)
+
+    def run(args):
+        from .methods.distributed import merge
+
+        return merge(args.workspace, _score_config(args))
     return run
 
 
@@ -341,6 +364,35 @@ def _memory(p: argparse.ArgumentParser):
             print(f"{r['model']:15s} {r['setting']:36s} {r['n_modules']:7d} {r['factor_gib']:9.1f} "
                   f"{r['weights_gib']:9.1f} {r['total_gib']:9.1f}", file=sys.stderr)
         return {"memory": rows}
+    return run
+
+
+@command("bench", "time every method end to end on the workspace, with ratios from one run")
+def _bench(p: argparse.ArgumentParser):
+    p.add_argument("--trait", help="trait to score (default: the first)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--no-kronfluence", action="store_true", help="skip the Kronfluence comparison")
+
+    def run(args):
+        from .methods.bench import bench
+
+        progress = Progress(not args.no_progress)
+        try:
+            result = bench(args.workspace, args.trait, args.batch_size, args.max_length,
+                           with_kronfluence=not args.no_kronfluence, progress=progress)
+        finally:
+            progress.close()
+        print(f"{'method':24s} {'wall s':>8s} {'fit s':>7s} {'ex/s':>8s}", file=sys.stderr)
+        for method, r in result["methods"].items():
+            print(f"{method:24s} {r['wall_s']:8.2f} {r['fit_s']:7.2f} {r['examples_per_s']:8.1f}",
+                  file=sys.stderr)
+        f = result["forward_limit"]
+        print(f"{'plain forward':24s} {f['wall_s']:8.2f} {'':7s} {f['examples_per_s']:8.1f}",
+              file=sys.stderr)
+        for name, value in result["ratios"].items():
+            print(f"{name:24s} {value:8.2f}", file=sys.stderr)
+        return result
     return run
 
 

@@ -144,9 +144,14 @@ class RunHandle:
 class Store:
     """The DuckDB store of one workspace (``<workspace>/cinf.duckdb``)."""
 
-    def __init__(self, workspace: str | os.PathLike | None = None):
+    def __init__(self, workspace: str | os.PathLike | None = None, read_only: bool = False):
+        """``read_only``: never write (ranks of a distributed run); the store must exist."""
         self.workspace = paths.workspace_path(workspace)
         self.path = self.workspace / paths.STORE_FILE
+        if read_only:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no store at {self.path}; create the workspace first")
+            return
         with self._connect() as con:
             for stmt in SCHEMA:
                 con.execute(stmt)
@@ -427,6 +432,41 @@ class Store:
                      socket.gethostname()])
         return RunHandle(self, run_id, n_total)
 
+    def run_status(self, run_id: str) -> str | None:
+        rows = self._query("SELECT status FROM runs WHERE run_id = ?", [run_id])
+        return rows[0][0] if rows else None
+
+    def import_run(self, method: str, dataset_id: str, model_id: str | None, config: dict,
+                   concept_id: str | None, indices: Sequence[int], scores: Sequence[float],
+                   wall_s: float, timings: dict) -> str:
+        """Store a run computed elsewhere (merged shards) as complete, in one transaction."""
+        run_id = config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
+                              "concept_id": concept_id, "config": config})
+        values = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"run {run_id}: scores contain NaN/inf; refusing to store them")
+        n_total = int(self.dataset(dataset_id)["n_examples"])
+        if sorted(int(i) for i in indices) != list(range(n_total)):
+            raise ValueError(f"run {run_id}: {len(indices)} scores do not cover its "
+                             f"{n_total} examples exactly once")
+        frame = pd.DataFrame({"run_id": run_id, "idx": np.asarray(indices, dtype=np.int32),
+                              "score": values})
+        with self._transaction() as con:
+            row = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if row and row[0] == "complete":
+                return run_id
+            con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                [run_id, method, dataset_id, model_id, concept_id,
+                 json.dumps(config, sort_keys=True, default=str), n_total, n_total, _now(), _now(),
+                 wall_s, n_total / wall_s if wall_s > 0 else None, socket.gethostname(),
+                 json.dumps(timings, default=str)])
+            con.register("new_scores", frame)
+            con.execute("INSERT OR REPLACE INTO scores SELECT run_id, idx, score FROM new_scores")
+            con.unregister("new_scores")
+        return run_id
+
     def _done_indices(self, run_id: str) -> set[int]:
         return {int(r[0]) for r in self._query("SELECT idx FROM scores WHERE run_id = ?", [run_id])}
 
@@ -463,6 +503,12 @@ class Store:
         with self._connect() as con:
             con.execute("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
                         [error, run_id])
+
+    def _drop_run(self, run_id: str) -> None:
+        """Delete a run and its scores (used on scratch copies)."""
+        with self._transaction() as con:
+            con.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
+            con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
 
     def runs(self, method: str | None = None, status: str | None = None) -> pd.DataFrame:
         sql, params = "SELECT * FROM runs WHERE 1=1", []

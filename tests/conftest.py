@@ -57,3 +57,21 @@ def tiny_lm(tiny_model_dir):
 def chat(user: str, answer: str, system: str | None = None) -> list[dict]:
     msgs = [{"role": "system", "content": system}] if system else []
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory):
+    """The quick demo world, built once per test session (read it; copy it to change it)."""
+    from cinf_core.demo.world import build_world
+
+    ws = tmp_path_factory.mktemp("quick_world")
+    build_world(ws, quick=True)
+    return ws
+
+
+def copy_workspace(src, dst):
+    """A writable copy of a workspace (store + artifacts)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -102,3 +102,20 @@ class ShardPlan:
             if path.exists():
                 out.append(json.loads(path.read_text()))
         return out
+
+    def save_generations(self, indices: list[int], responses: list[str]) -> None:
+        """Keep generated responses (Projection Difference) beside the shards for the merge."""
+        if not indices:
+            return
+        frame = pd.DataFrame({"idx": np.asarray(indices, dtype=np.int64), "response": responses})
+        name = f"gen-{os.getpid()}-{min(indices)}.parquet"
+        tmp = self.directory / f".{name}.tmp"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, self.directory / name)
+
+    def read_generations(self) -> pd.DataFrame | None:
+        files = sorted(self.directory.glob("gen-*.parquet"))
+        if not files:
+            return None
+        return pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("idx")
+

@@ -1,0 +1,368 @@
+"""EK-FAC curvature for causal LMs: fit, cache, precondition.
+
+Curvature: the Fisher of the training objective ``(1/N) sum_n L(z_n)``, ``L`` the cross-entropy
+summed over the response tokens of ``z_n``, restricted to the tracked Linear modules and
+block-diagonal over them: ``H_m = (1/N) sum_n vec(G_n) vec(G_n)^T`` with ``G_n = sum_t g_t a_t^T``
+the per-example gradient of module m (``[out, in(+1)]``; inputs get a trailing 1 when the Linear
+has a bias). ``CurvatureConfig.fisher`` picks the labels behind ``g_t``: sampled from the model
+(true Fisher, an unbiased estimate of the Gauss-Newton matrix) or the dataset's (empirical Fisher).
+
+EK-FAC (George et al. 2018; Grosse et al. 2023):
+
+1. Kronecker factors ``A = sum_t a_t a_t^T`` and ``S = sum_t g_t g_t^T`` over every non-padding
+   position (the loss covers response tokens only, but its gradient reaches prompt positions
+   through attention, and ``G_n`` sums over all of them), accumulated in float32;
+2. eigendecompositions ``A = U_A diag U_A^T``, ``S = U_S diag U_S^T`` in float64;
+3. eigenvalue correction: ``Lambda = (1/N) sum_n (U_S^T G_n U_A)^2`` (elementwise), a second pass,
+   so ``H_m ~= (U_S x U_A) diag(Lambda) (U_S x U_A)^T`` has the exact diagonal in that basis.
+
+``(H_m + lambda I)^{-1} G = U_S [(U_S^T G U_A) / (Lambda + lambda)] U_A^T``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..data import batches
+from .config import CurvatureConfig
+from .lm import as_encoded, check_examples, response_losses
+from .modules import select_modules
+from .tape import LinearTape, eval_mode, grad_shape
+
+FACTORS_FILE = "factors.safetensors"
+FACTORS_META_FILE = "factors.json"
+LAMBDA_CHUNK_BYTES = 512 * 2**20
+
+Progress = Callable[[int], None] | None
+LossFn = Callable[[nn.Module, dict, list[int]], torch.Tensor]
+
+
+@dataclass
+class ModuleFactors:
+    """EK-FAC of one Linear: ``eigvecs_a`` [in(+1), in(+1)], ``eigvecs_s`` [out, out],
+    ``eigvals`` [out, in(+1)] (the corrected eigenvalues Lambda). All float32."""
+
+    eigvecs_a: torch.Tensor
+    eigvecs_s: torch.Tensor
+    eigvals: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.eigvals.shape)
+
+
+@dataclass
+class EKFACFactors:
+    """Fitted factors of every tracked module plus what they were fitted on."""
+
+    config: CurvatureConfig
+    modules: dict[str, ModuleFactors]
+    model_id: str = ""
+    dataset_id: str = ""
+    n_examples: int = 0
+    n_tokens: int = 0
+    below_layer: int | None = None
+
+    def damping_for(self, name: str, damping: float | None = None, mode: str | None = None) -> float:
+        """lambda of module ``name``: ``damping`` x mean eigenvalue (relative) or ``damping``."""
+        damping = self.config.damping if damping is None else damping
+        mode = self.config.damping_mode if mode is None else mode
+        if mode == "relative":
+            return float(damping * self.modules[name].eigvals.double().mean())
+        if mode == "absolute":
+            return float(damping)
+        raise ValueError(f"damping mode {mode!r} is not valid; use 'relative' or 'absolute'")
+
+    def meta(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "modules": {name: list(f.shape) for name, f in self.modules.items()},
+            "model_id": self.model_id,
+            "dataset_id": self.dataset_id,
+            "n_examples": self.n_examples,
+            "n_tokens": self.n_tokens,
+            "below_layer": self.below_layer,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``factors.safetensors`` + ``factors.json`` into ``directory`` (atomically)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        tensors = {}
+        for name, f in self.modules.items():
+            tensors[f"{name}::eigvecs_a"] = f.eigvecs_a.contiguous()
+            tensors[f"{name}::eigvecs_s"] = f.eigvecs_s.contiguous()
+            tensors[f"{name}::eigvals"] = f.eigvals.contiguous()
+        save_file(tensors, str(tmp / FACTORS_FILE))
+        (tmp / FACTORS_META_FILE).write_text(json.dumps(self.meta(), indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "EKFACFactors":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path, tensor_path = directory / FACTORS_META_FILE, directory / FACTORS_FILE
+        if not meta_path.exists() or not tensor_path.exists():
+            raise FileNotFoundError(
+                f"no EK-FAC factors in {directory} (expected {FACTORS_FILE} and {FACTORS_META_FILE}); "
+                "fit them with load_or_fit_factors"
+            )
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+        modules = {
+            name: ModuleFactors(
+                eigvecs_a=tensors[f"{name}::eigvecs_a"],
+                eigvecs_s=tensors[f"{name}::eigvecs_s"],
+                eigvals=tensors[f"{name}::eigvals"],
+            )
+            for name in meta["modules"]
+        }
+        return cls(
+            config=CurvatureConfig.from_dict(meta["config"]),
+            modules=modules,
+            model_id=meta["model_id"],
+            dataset_id=meta["dataset_id"],
+            n_examples=meta["n_examples"],
+            n_tokens=meta["n_tokens"],
+            below_layer=meta["below_layer"],
+        )
+
+    def tracked_modules(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The model's Linear modules these factors were fitted for (clear error if one is missing)."""
+        named = dict(model.named_modules())
+        out = {}
+        for name, f in self.modules.items():
+            module = named.get(name)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"the factors track module {name!r}, which this model does not have as a Linear; "
+                    "fit factors for this model (a peft-wrapped and a merged model name modules differently)"
+                )
+            expected = grad_shape(module)
+            if tuple(f.shape) != expected:
+                raise ValueError(
+                    f"factors for {name!r} have shape {tuple(f.shape)} but the module's gradient is "
+                    f"{expected}; the factors belong to another model, refit them"
+                )
+            out[name] = module
+        return out
+
+
+def fit_ekfac(
+    model: nn.Module,
+    modules: dict[str, nn.Linear],
+    make_batches: Callable[[], Iterable[tuple[list[int], dict]]],
+    loss_fn: LossFn,
+    progress: Progress = None,
+    comm=None,
+) -> tuple[dict[str, ModuleFactors], int, int]:
+    """Fit EK-FAC for ``modules`` with two passes over ``make_batches()``.
+
+    ``make_batches()`` yields ``(indices, batch)``; ``batch["attention_mask"]`` ([batch, seq], if
+    present) marks the positions that count. ``loss_fn(model, batch, indices)`` returns the
+    per-example losses ``[batch]`` whose Fisher is fitted. Returns ``(factors, n_examples,
+    n_tokens)``. ``progress(k)`` is called after each batch of each pass (2N in total).
+
+    ``comm`` (a :class:`cinf_core.methods.distributed.Communicator`) fits across processes: each
+    rank passes its own batches; covariances, counts and the eigenvalue correction are summed
+    over ranks and the eigendecompositions are spread over them by module.
+    """
+    cov_a: dict[str, torch.Tensor] = {}
+    cov_s: dict[str, torch.Tensor] = {}
+    if comm is not None:  # every rank needs every accumulator, even one that saw no data
+        for name, module in modules.items():
+            out_dim, in_dim = grad_shape(module)
+            cov_a[name] = torch.zeros(in_dim, in_dim, dtype=torch.float32)
+            cov_s[name] = torch.zeros(out_dim, out_dim, dtype=torch.float32)
+
+    def accumulate_covariances(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        if name not in cov_a:
+            cov_a[name] = torch.zeros(a2.shape[1], a2.shape[1], dtype=a2.dtype, device=a.device)
+            cov_s[name] = torch.zeros(g2.shape[1], g2.shape[1], dtype=g2.dtype, device=g.device)
+        cov_a[name].addmm_(a2.T.to(cov_a[name]), a2.to(cov_a[name]))
+        cov_s[name].addmm_(g2.T.to(cov_s[name]), g2.to(cov_s[name]))
+
+    n_examples = n_tokens = 0
+    with eval_mode(model):
+        with LinearTape(modules, accumulate_covariances) as tape:
+            for indices, batch in make_batches():
+                mask = batch.get("attention_mask")
+                tape.start(mask)
+                tape.backward(loss_fn(model, batch, indices).sum())
+                n_tokens += int(mask.sum()) if mask is not None else 0
+                n_examples += len(indices)
+                if progress is not None:
+                    progress(len(indices))
+        if comm is not None:
+            comm.sum_tensors(cov_a)
+            comm.sum_tensors(cov_s)
+            n_examples, n_tokens = comm.sum_int(n_examples), comm.sum_int(n_tokens)
+        missing = sorted(name for name in modules
+                         if name not in cov_s or not bool(cov_s[name].abs().sum() > 0))
+        if missing:
+            raise ValueError(
+                f"no gradient reached module(s) {missing[:5]}; they do not influence the training loss, "
+                "exclude them from the selection"
+            )
+        # Only the eigenvectors are used (the eigenvalues come from the correction pass), so the
+        # sums need no normalisation.
+        if comm is not None:
+            vecs_a, vecs_s = comm.eigh(cov_a), comm.eigh(cov_s)
+        else:
+            vecs_a = {n: torch.linalg.eigh(cov_a[n].double())[1].float() for n in modules}
+            vecs_s = {n: torch.linalg.eigh(cov_s[n].double())[1].float() for n in modules}
+        bases = {name: (vecs_a[name], vecs_s[name]) for name in modules}
+        cov_a.clear()
+        cov_s.clear()
+        lambdas: dict[str, torch.Tensor] = {}
+        if comm is not None:
+            for name, module in modules.items():
+                lambdas[name] = torch.zeros(grad_shape(module), dtype=torch.float32)
+
+        def accumulate_lambda(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+            u_a, u_s = bases[name]
+            g_rot, a_rot = g @ u_s.to(g), a @ u_a.to(a)
+            # Rotated per-example gradients [chunk, out, in], a few examples at a time.
+            chunk = max(1, LAMBDA_CHUNK_BYTES // (g.shape[-1] * a.shape[-1] * a.element_size()))
+            for s in range(0, g.shape[0], chunk):
+                rotated = torch.einsum("bto,bti->boi", g_rot[s: s + chunk], a_rot[s: s + chunk])
+                sq = rotated.square().sum(0)
+                lambdas[name] = sq if name not in lambdas else lambdas[name] + sq.to(lambdas[name])
+
+        with LinearTape(modules, accumulate_lambda) as tape:
+            for indices, batch in make_batches():
+                tape.start(batch.get("attention_mask"))
+                tape.backward(loss_fn(model, batch, indices).sum())
+                if progress is not None:
+                    progress(len(indices))
+        if comm is not None:
+            comm.sum_tensors(lambdas)
+    factors = {
+        name: ModuleFactors(
+            eigvecs_a=bases[name][0].cpu(),
+            eigvecs_s=bases[name][1].cpu(),
+            eigvals=(lambdas[name].double() / n_examples).float().cpu(),
+        )
+        for name in modules
+    }
+    return factors, n_examples, n_tokens
+
+
+def lm_loss_fn(cfg: CurvatureConfig) -> LossFn:
+    """The per-example LM loss of ``cfg.fisher``: sampled labels (seeded per example) or true ones."""
+    if cfg.fisher == "empirical":
+        return lambda model, batch, indices: response_losses(model, batch)
+
+    def sampled(model: nn.Module, batch: dict, indices: list[int]) -> torch.Tensor:
+        seeds = [cfg.seed * 2**32 + i for i in indices]
+        return response_losses(model, batch, sample_seeds=seeds)
+
+    return sampled
+
+
+def fit_factors(
+    lm,
+    examples: Sequence,
+    cfg: CurvatureConfig,
+    below_layer: int | None = None,
+    progress: Progress = None,
+) -> EKFACFactors:
+    """Fit EK-FAC over ``select_modules(lm.model, cfg, below_layer)`` on ``examples``.
+
+    ``lm``: a :class:`~cinf_core.models.LoadedModel` (uses ``model``, ``tokenizer``,
+    ``pad_token_id``). ``examples``: ChatExamples / message lists (encoded with
+    ``cfg.max_length``) or :class:`~cinf_core.data.EncodedExample`.
+    """
+    encoded = as_encoded(lm.tokenizer, examples, cfg.max_length)
+    check_examples(encoded, "training")
+    modules = select_modules(lm.model, cfg, below_layer=below_layer)
+    factors, n_examples, n_tokens = fit_ekfac(
+        lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id), lm_loss_fn(cfg), progress
+    )
+    return EKFACFactors(config=cfg, modules=factors, n_examples=n_examples, n_tokens=n_tokens,
+                        below_layer=below_layer)
+
+
+def factors_key(model_id: str, dataset_id: str, cfg: CurvatureConfig, module_names: Sequence[str]) -> str:
+    """Cache key of a fit: model, dataset, factor-relevant config fields and module names."""
+    key = json.dumps(
+        {"model": model_id, "dataset": dataset_id, "config": cfg.digest(), "modules": sorted(module_names)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load_or_fit_factors(
+    lm,
+    examples: Sequence,
+    cfg: CurvatureConfig,
+    cache_dir: str | os.PathLike,
+    dataset_id: str,
+    below_layer: int | None = None,
+    model_id: str | None = None,
+    progress: Progress = None,
+) -> EKFACFactors:
+    """Factors from ``cache_dir/<key>`` if fitted before, else fit and save them there.
+
+    The key covers ``model_id`` (default ``lm.spec.model_id``), ``dataset_id``, the factor fields
+    of ``cfg`` and the selected module names, so one fit serves every concept and query set.
+    Damping and batch size are not in the key: a cached fit is reused with ``cfg``'s damping.
+    """
+    if model_id is None:
+        model_id = lm.spec.model_id
+    modules = select_modules(lm.model, cfg, below_layer=below_layer)
+    directory = Path(cache_dir) / factors_key(model_id, dataset_id, cfg, list(modules))
+    if (directory / FACTORS_META_FILE).exists():
+        factors = EKFACFactors.load(directory)
+        factors.config = cfg
+        return factors
+    factors = fit_factors(lm, examples, cfg, below_layer=below_layer, progress=progress)
+    factors.model_id, factors.dataset_id = model_id, dataset_id
+    factors.save(directory)
+    return factors
+
+
+def precondition(
+    factors: EKFACFactors,
+    grads: dict[str, torch.Tensor],
+    damping: float | None = None,
+    damping_mode: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """``(H_m + lambda_m I)^{-1} G`` per module, in the Kronecker eigenbasis.
+
+    ``grads[name]``: ``[..., out, in(+1)]`` (any leading dims, e.g. one row per query or concept).
+    Computed in float64; returns float64 for float64 input, else float32. Damping defaults to
+    ``factors.config``.
+    """
+    out = {}
+    for name, grad in grads.items():
+        if name not in factors.modules:
+            raise ValueError(f"no factors for module {name!r}; fit factors that track it")
+        f = factors.modules[name]
+        if tuple(grad.shape[-2:]) != f.shape:
+            raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, factors expect [..., {f.shape}]")
+        lam = factors.damping_for(name, damping, damping_mode)
+        u_a = f.eigvecs_a.to(grad.device, torch.float64)
+        u_s = f.eigvecs_s.to(grad.device, torch.float64)
+        rotated = u_s.T @ grad.double() @ u_a
+        rotated = rotated / (f.eigvals.to(grad.device, torch.float64) + lam)
+        result = u_s @ rotated @ u_a.T
+        out[name] = result if grad.dtype == torch.float64 else result.float()
+    return out

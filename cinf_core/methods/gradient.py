@@ -1,0 +1,318 @@
+"""Gradient-based attribution: Influence Function, Concept Influence, gradient similarity.
+
+Sign (DESIGN.md §1): ``score(z_i) > 0`` means upweighting ``z_i`` in training pushes the
+behaviour B up. Derivation: training minimises ``R(theta) = (1/N) sum_j L(z_j) + eps L(z_i)``; at
+the optimum ``grad R = 0``, so differentiating in ``eps`` gives
+``d theta*/d eps = -H^{-1} grad L(z_i)`` (H the Hessian of R, here its damped EK-FAC Fisher), and
+
+    score_i = dB/d eps = grad B^T d theta*/d eps = -grad B^T (H + lambda I)^{-1} grad L(z_i).
+
+* Influence Function: ``B = -(1/Q) sum_q L(q)`` over the test queries, so
+  ``score_i = grad L_test^T (H + lambda I)^{-1} grad L(z_i)``.
+* Concept Influence: ``B = (1/Q) sum_q f_c(q)`` (``concept.measure`` of ``hidden_states[l]``), so
+  ``score_i = -grad f_c^T (H + lambda I)^{-1} grad L(z_i)``; only blocks < l matter.
+* Gradient similarity: IF with ``H = I`` (the response to one small SGD step on ``z_i``).
+
+Every method preconditions the behaviour gradient once (``prepare_*`` -> :class:`Prepared`,
+``[K, out, in]`` per module, K behaviours), then makes one pass over the training examples
+(:func:`train_scores`, which also scores any chunk of indices so a stored run can stream and resume). A training example's gradient of a
+Linear is ``G_i = sum_t g_t a_t^T``; its score against a preconditioned ``Q`` is
+``<Q, G_i> = sum_t g_t^T Q a_t``, evaluated per token from the captured inputs ``a_t`` and output
+gradients ``g_t`` without forming ``G_i`` (one behaviour). With K > 1 behaviours the token form costs
+K times the work of forming ``G_i`` once, so ``G_i`` is formed (``[batch, out, in]``, one module at
+a time) when it fits ``MATERIALISE_BYTES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..concepts.base import Concept, check_vector
+from ..curvature.config import CurvatureConfig
+from ..curvature.ekfac import EKFACFactors, precondition
+from ..curvature.lm import check_examples, response_losses
+from ..curvature.modules import select_modules
+from ..curvature.tape import LinearTape, eval_mode, grad_shape
+from ..data import EncodedExample, collate
+from ..models import base_config, block_index_of, check_layer, hidden_states_at
+
+Progress = Callable[[int], None] | None
+MATERIALISE_BYTES = 256 * 2**20
+
+
+@dataclass
+class Prepared:
+    """Behaviour gradients, preconditioned and signed once, ready to score training examples.
+
+    ``queries[name]``: ``[K, out, in(+1)]`` per tracked module (one row per behaviour: the mean
+    test query, each query, or each concept); ``columns`` names the K rows.
+    """
+
+    method: str
+    modules: dict[str, nn.Linear]
+    queries: dict[str, torch.Tensor]
+    columns: list[str]
+
+
+def prepare_influence_function(
+    lm, queries: Sequence[EncodedExample], factors: EKFACFactors, *, batch_size: int = 8,
+    per_query: bool = False,
+) -> Prepared:
+    """``(H + lambda I)^{-1} grad L_test`` (IF: ``B = -L_test``): one row, or one per query."""
+    check_examples(queries, "test-query")
+    modules = factors.tracked_modules(lm.model)
+    grads = _loss_gradients(lm, modules, queries, batch_size, per_query)
+    columns = [f"query_{q}" for q in range(len(queries))] if per_query else ["test_loss"]
+    return Prepared("influence_function", modules, precondition(factors, grads), columns)
+
+
+def prepare_concept_influence(
+    lm, queries: Sequence[EncodedExample], factors: EKFACFactors,
+    concepts: Concept | Sequence[Concept], *, batch_size: int = 8,
+) -> Prepared:
+    """``-(H + lambda I)^{-1} grad f_c`` for each concept (CI: ``B = mean_q f_c(q)``)."""
+    concept_list = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    check_examples(queries, "test-query")
+    _check_concepts(lm.model, concept_list)
+    top = max(c.layer for c in concept_list)
+    index = block_index_of(lm.model)
+    modules = {n: m for n, m in factors.tracked_modules(lm.model).items() if index[n] < top}
+    for c in concept_list:
+        if not any(index[n] < c.layer for n in modules):
+            raise ValueError(
+                f"concept {c.name!r} is at layer {c.layer} but the factors track no module in blocks "
+                f"< {c.layer}; fit factors with select_modules(below_layer={c.layer})"
+            )
+    grads = _concept_gradients(lm, modules, queries, concept_list, batch_size)
+    pre = {name: -q for name, q in precondition(factors, grads).items()}
+    return Prepared("concept_influence", modules, pre, [c.name for c in concept_list])
+
+
+def prepare_grad_sim(
+    lm, queries: Sequence[EncodedExample], cfg: CurvatureConfig, *, batch_size: int = 8,
+    per_query: bool = False,
+) -> Prepared:
+    """``grad L_test`` over ``select_modules(lm.model, cfg)`` (IF with ``H = I``)."""
+    check_examples(queries, "test-query")
+    modules = select_modules(lm.model, cfg)
+    grads = _loss_gradients(lm, modules, queries, batch_size, per_query)
+    columns = [f"query_{q}" for q in range(len(queries))] if per_query else ["test_loss"]
+    return Prepared("grad_sim", modules, grads, columns)
+
+
+def influence_function(
+    lm,
+    train: Sequence[EncodedExample],
+    queries: Sequence[EncodedExample],
+    factors: EKFACFactors,
+    *,
+    batch_size: int = 8,
+    per_query: bool = False,
+    indices: Sequence[int] | None = None,
+    progress: Progress = None,
+) -> np.ndarray:
+    """IF scores ``grad L_test^T (H + lambda I)^{-1} grad L(z_i)`` (B = minus the test loss).
+
+    ``lm``: a LoadedModel (``model``, ``pad_token_id``). ``L`` is the cross-entropy summed over
+    response tokens; ``L_test`` its mean over ``queries``. With ``per_query`` one column per query
+    (``L_test = L(q)``). ``indices``: score only these training examples (to resume a run).
+    Returns ``[len(indices)]`` or ``[len(indices), n_queries]`` float64, in ``indices`` order.
+    """
+    prepared = prepare_influence_function(lm, queries, factors, batch_size=batch_size, per_query=per_query)
+    scores = train_scores(lm, prepared, train, batch_size=batch_size, indices=indices, progress=progress)
+    return scores if per_query else scores[:, 0]
+
+
+def concept_influence(
+    lm,
+    train: Sequence[EncodedExample],
+    queries: Sequence[EncodedExample],
+    factors: EKFACFactors,
+    concepts: Concept | Sequence[Concept],
+    *,
+    batch_size: int = 8,
+    indices: Sequence[int] | None = None,
+    progress: Progress = None,
+) -> np.ndarray:
+    """CI scores ``-grad f_c^T (H + lambda I)^{-1} grad L(z_i)`` for one or several concepts.
+
+    ``f_c`` = ``concept.measure(hidden_states[concept.layer], response_mask)`` averaged over the test
+    queries; the query forward stops at the highest concept layer and only factor modules in
+    blocks below a concept's layer carry its gradient. All concepts share one pass over ``train``.
+    Returns ``[len(indices)]`` for one concept, ``[len(indices), n_concepts]`` for a list.
+    """
+    prepared = prepare_concept_influence(lm, queries, factors, concepts, batch_size=batch_size)
+    scores = train_scores(lm, prepared, train, batch_size=batch_size, indices=indices, progress=progress)
+    return scores[:, 0] if isinstance(concepts, Concept) else scores
+
+
+def grad_sim(
+    lm,
+    train: Sequence[EncodedExample],
+    queries: Sequence[EncodedExample],
+    cfg: CurvatureConfig,
+    *,
+    batch_size: int = 8,
+    per_query: bool = False,
+    indices: Sequence[int] | None = None,
+    progress: Progress = None,
+) -> np.ndarray:
+    """Gradient similarity ``grad L_test^T grad L(z_i)``: IF with ``H = I``.
+
+    Modules: ``select_modules(lm.model, cfg)``. Shapes and options as :func:`influence_function`.
+    """
+    prepared = prepare_grad_sim(lm, queries, cfg, batch_size=batch_size, per_query=per_query)
+    scores = train_scores(lm, prepared, train, batch_size=batch_size, indices=indices, progress=progress)
+    return scores if per_query else scores[:, 0]
+
+
+# ---------------------------------------------------------------- behaviour gradients
+
+
+def _loss_gradients(
+    lm, modules: dict[str, nn.Linear], queries: Sequence[EncodedExample], batch_size: int, per_query: bool
+) -> dict[str, torch.Tensor]:
+    """``grad L_test`` per module: ``[1, out, in]`` (mean over queries) or ``[n_queries, out, in]``,
+    float64 on the model's device (preconditioning runs there too)."""
+    n = len(queries)
+    rows = n if per_query else 1
+    device = _device(lm.model)
+    grads = {name: torch.zeros(rows, *grad_shape(m), dtype=torch.float64, device=device)
+             for name, m in modules.items()}
+    offset = 0
+
+    def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        if per_query:
+            per_example = torch.einsum("bto,bti->boi", g, a).double()
+            grads[name][offset: offset + per_example.shape[0]] += per_example
+        else:
+            grads[name][0] += torch.einsum("bto,bti->oi", g, a).double() / n
+
+    with eval_mode(lm.model), LinearTape(modules, collect) as tape:
+        for start in range(0, n, batch_size):
+            batch = collate(queries[start: start + batch_size], lm.pad_token_id)
+            offset = start
+            tape.start(batch["attention_mask"])
+            tape.backward(response_losses(lm.model, batch).sum())
+    return grads
+
+
+def _concept_gradients(
+    lm, modules: dict[str, nn.Linear], queries: Sequence[EncodedExample], concepts: list[Concept], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """``grad f_c`` per module for each concept: ``[n_concepts, out, in]`` (mean over queries)."""
+    n = len(queries)
+    device = _device(lm.model)
+    grads = {name: torch.zeros(len(concepts), *grad_shape(m), dtype=torch.float64, device=device)
+             for name, m in modules.items()}
+    layers = sorted({c.layer for c in concepts})
+    current = 0
+
+    def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        grads[name][current] += torch.einsum("bto,bti->oi", g, a).double()
+
+    with eval_mode(lm.model), LinearTape(modules, collect) as tape:
+        for start in range(0, n, batch_size):
+            batch = collate(queries[start: start + batch_size], lm.pad_token_id)
+            tape.start(batch["attention_mask"])
+            hidden = hidden_states_at(
+                lm.model, batch["input_ids"].to(device), batch["attention_mask"].to(device), layers
+            )
+            mask = batch["response_mask"].to(device)
+            for k, concept in enumerate(concepts):
+                current = k
+                h = hidden[concept.layer]
+                value = concept.measure(h.to(torch.promote_types(h.dtype, torch.float32)), mask).sum() / n
+                tape.backward(value, retain_graph=k < len(concepts) - 1)
+    return grads
+
+
+# ---------------------------------------------------------------- training pass
+
+
+def train_scores(
+    lm,
+    prepared: Prepared,
+    train: Sequence[EncodedExample],
+    *,
+    batch_size: int = 8,
+    indices: Sequence[int] | None = None,
+    progress: Progress = None,
+) -> np.ndarray:
+    """Scores ``<Q_k, grad L(z_i)>`` summed over modules: ``[len(indices), K]`` float64.
+
+    One pass over ``train[indices]`` (all by default, in that order) in batches; ``progress(k)``
+    after each batch. Scoring a chunk of indices at a time lets a long run stream and resume.
+    """
+    modules, queries = prepared.modules, prepared.queries
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(train))) if indices is None else [int(i) for i in indices]
+    bad = [i for i in order if not 0 <= i < len(train)]
+    if bad:
+        raise ValueError(f"indices {bad[:5]} are out of range for {len(train)} training examples")
+    check_examples(train, "training")
+    k = next(iter(queries.values())).shape[0]
+    scores = torch.zeros(len(order), k, dtype=torch.float64)
+    q_dev: dict[str, torch.Tensor] = {}
+    rows = slice(0, 0)
+
+    def score(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        if name not in q_dev:
+            q_dev[name] = queries[name].to(device=g.device, dtype=g.dtype)
+        q = q_dev[name]
+        batch, seq, out = g.shape
+        if k == 1 or batch * out * a.shape[-1] * a.element_size() > MATERIALISE_BYTES:
+            # sum_t g_t^T Q_k a_t for all k at once: [b, t, out] @ [out, k*in] -> [b, t, k, in].
+            gq = (g @ q.permute(1, 0, 2).reshape(out, -1)).view(batch, seq, k, -1)
+            s = torch.einsum("btki,bti->bk", gq, a)
+        else:
+            s = torch.einsum("boi,koi->bk", torch.einsum("bto,bti->boi", g, a), q)
+        scores[rows] += s.double().cpu()
+
+    with eval_mode(lm.model), LinearTape(modules, score) as tape:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            batch = collate([train[i] for i in chunk], lm.pad_token_id)
+            rows = slice(start, start + len(chunk))
+            tape.start(batch["attention_mask"])
+            tape.backward(response_losses(lm.model, batch).sum())
+            if progress is not None:
+                progress(len(chunk))
+    return scores.numpy()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_concepts(model: nn.Module, concepts: list[Concept]) -> None:
+    if not concepts:
+        raise ValueError("no concepts given; pass a Concept or a non-empty list of them")
+    d_model = int(base_config(model).hidden_size)
+    for c in concepts:
+        if not isinstance(c, Concept):
+            raise TypeError(f"expected a Concept, got {type(c).__name__}")
+        check_layer(model, c.layer)
+        if c.layer == 0:
+            raise ValueError(
+                f"concept {c.name!r} is at layer 0 (the embeddings): no transformer block lies below it; "
+                "use a layer >= 1"
+            )
+        check_vector(c.direction(), d_model, f"concept {c.name!r} direction")
+        if getattr(c, "w_enc", None) is not None:
+            check_vector(c.w_enc, d_model, f"concept {c.name!r} SAE encoder column w_enc")
+        b_dec = getattr(c, "b_dec", None)
+        if b_dec is not None and (tuple(b_dec.shape) != (d_model,) or not torch.isfinite(b_dec).all()):
+            raise ValueError(
+                f"concept {c.name!r} SAE decoder bias b_dec has shape {tuple(b_dec.shape)} or non-finite "
+                f"values; it must be a finite vector of shape ({d_model},) (an SAE of this model's layer)"
+            )
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+

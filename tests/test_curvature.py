@@ -1,0 +1,296 @@
+"""EK-FAC curvature: config, module selection, exactness, dense-inverse and Kronfluence agreement, cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from cinf_core.curvature import (
+    CurvatureConfig,
+    EKFACFactors,
+    fit_ekfac,
+    fit_factors,
+    load_or_fit_factors,
+    precondition,
+    select_modules,
+)
+from cinf_core.curvature.ekfac import lm_loss_fn
+from cinf_core.curvature.lm import response_losses
+from cinf_core.data import collate
+from cinf_core.methods.gradient import influence_function
+from gradient_world import make_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(n_train=16, n_queries=4, hidden=16, layers=2)
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return make_world(n_train=4, n_queries=2, hidden=16, layers=3, bias=False, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_round_trip_and_digest():
+    cfg = CurvatureConfig(block_start=1, block_stride=2, kinds="mlp", damping=1e-3, damping_mode="absolute")
+    assert CurvatureConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.digest() == CurvatureConfig.from_dict(cfg.to_dict()).digest()
+    # Damping and batch size are applied at scoring time: same factors, same digest.
+    assert CurvatureConfig(damping=0.5, batch_size=2).digest() == CurvatureConfig().digest()
+    assert CurvatureConfig(kinds="attn").digest() != CurvatureConfig().digest()
+    assert CurvatureConfig(fisher="empirical").digest() != CurvatureConfig().digest()
+    assert set(CurvatureConfig.help()) == set(cfg.to_dict())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kinds="ffn"), "kinds"),
+    (dict(damping_mode="huge"), "damping_mode"),
+    (dict(fisher="exact"), "fisher"),
+    (dict(damping=0.0), "damping"),
+    (dict(block_stride=0), "block_stride"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CurvatureConfig(**bad)
+    with pytest.raises(ValueError, match="unknown CurvatureConfig field"):
+        CurvatureConfig.from_dict({"dampnig": 1.0})
+
+
+# ---------------------------------------------------------------- module selection
+
+
+def test_select_modules(world3):
+    model = world3.lm.model
+    every = select_modules(model, CurvatureConfig())
+    assert len(every) == 3 * 7 and all(n.startswith("model.layers.") for n in every)
+    assert all(isinstance(m, nn.Linear) for m in every.values())
+    attn = select_modules(model, CurvatureConfig(kinds="attn"))
+    assert sorted({n.split(".")[-1] for n in attn}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    mlp = select_modules(model, CurvatureConfig(kinds="mlp"))
+    assert sorted({n.split(".")[-1] for n in mlp}) == ["down_proj", "gate_proj", "up_proj"]
+    strided = select_modules(model, CurvatureConfig(block_stride=2))
+    assert sorted({int(n.split(".")[2]) for n in strided}) == [0, 2]
+    below = select_modules(model, CurvatureConfig(), below_layer=2)
+    assert sorted({int(n.split(".")[2]) for n in below}) == [0, 1]
+    with pytest.raises(ValueError, match="no Linear modules selected.*below_layer=0"):
+        select_modules(model, CurvatureConfig(), below_layer=0)
+    with pytest.raises(ValueError, match="out of range"):
+        select_modules(model, CurvatureConfig(), below_layer=9)
+    with pytest.raises(ValueError, match="peft LoRA adapter"):
+        select_modules(model, CurvatureConfig(lora_only=True))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21 on transformers 5
+def test_select_modules_lora_only(world3):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(world3.lm.model),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    lora = select_modules(peft_model, CurvatureConfig(lora_only=True, block_start=1))
+    assert len(lora) == 2 * 2 * 2  # blocks 1,2 x (q, v) x (A, B)
+    assert all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert not any("lm_head" in n for n in select_modules(peft_model, CurvatureConfig()))
+
+
+# ---------------------------------------------------------------- exactness
+
+
+def test_ekfac_exact_on_single_linear():
+    """A Linear whose per-example gradients are rank one, ``G_n = r_n q_j p_i^T`` with inputs from an
+    orthonormal basis {p_i} and output gradients from an orthonormal basis {q_j}: the Fisher is then
+    diagonal in the Kronecker eigenbasis, so EK-FAC equals the exact damped inverse."""
+    torch.manual_seed(0)
+    d_in, d_out, n = 5, 4, 40
+    lin = nn.Linear(d_in, d_out, bias=False).double()
+    p_basis = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64))[0]
+    q_basis = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64))[0]
+    i_idx = torch.arange(n) % d_in
+    j_idx = (torch.arange(n) * 7 // 3) % d_out
+    scale = 0.5 + torch.rand(n, dtype=torch.float64)
+    resid = torch.randn(n, dtype=torch.float64)
+    x = (p_basis[:, i_idx].T * scale[:, None]).unsqueeze(1)  # [n, 1, in]
+    with torch.no_grad():
+        target = lin(x) - resid[:, None, None] * q_basis[:, j_idx].T.unsqueeze(1)
+
+    def loss_fn(model, batch, indices):
+        return 0.5 * (model(batch["x"]) - batch["target"]).square().sum(dim=(1, 2))
+
+    def make_batches():
+        for s in range(0, n, 8):
+            idx = list(range(s, min(s + 8, n)))
+            yield idx, {"x": x[idx], "target": target[idx]}
+
+    fitted, n_seen, _ = fit_ekfac(lin, {"lin": lin}, make_batches, loss_fn)
+    assert n_seen == n
+    grads = torch.stack([torch.autograd.grad(loss_fn(lin, {"x": x[[k]], "target": target[[k]]}, [k]).sum(),
+                                             lin.weight)[0] for k in range(n)])  # [n, out, in]
+    flat = grads.reshape(n, -1)
+    fisher = flat.T @ flat / n
+    for mode, damping in [("absolute", 1e-3), ("relative", 0.1)]:
+        factors = EKFACFactors(config=CurvatureConfig(damping=damping, damping_mode=mode), modules=fitted)
+        lam = factors.damping_for("lin")
+        if mode == "relative":
+            assert lam == pytest.approx(damping * float(torch.trace(fisher)) / flat.shape[1], rel=1e-6)
+        exact = torch.linalg.solve(fisher + lam * torch.eye(flat.shape[1], dtype=torch.float64), flat.T).T
+        ours = precondition(factors, {"lin": grads})["lin"].reshape(n, -1)
+        assert torch.allclose(ours, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+        pairwise_exact, pairwise_ours = flat @ exact.T, flat @ ours.T
+        rel = (pairwise_ours - pairwise_exact).abs().max() / pairwise_exact.abs().max()
+        assert rel < 1e-4
+
+
+def _flat_example_grads(lm, modules, examples, loss_fn, indices):
+    """Per-example gradients over the tracked ``[W | b]`` blocks, flattened: ``[n, P]`` float64."""
+    params = []
+    for module in modules.values():
+        params += [module.weight] + ([module.bias] if module.bias is not None else [])
+    rows = []
+    for i, ex in zip(indices, examples):
+        loss = loss_fn(lm.model, collate([ex], lm.pad_token_id), [i]).sum()
+        gs = torch.autograd.grad(loss, params)
+        parts, k = [], 0
+        for module in modules.values():
+            if module.bias is not None:
+                parts.append(torch.cat([gs[k], gs[k + 1].unsqueeze(-1)], dim=-1).reshape(-1))
+                k += 2
+            else:
+                parts.append(gs[k].reshape(-1))
+                k += 1
+        rows.append(torch.cat(parts))
+    return torch.stack(rows).double()
+
+
+def test_ekfac_influence_matches_dense_damped_fisher():
+    """EK-FAC IF vs the exact inverse of the dense damped Fisher with the same definition (empirical
+    Fisher: true labels, per-example summed loss; the same per-module damping) over the tracked
+    [W | b] of block 1's attention (288 parameters, 32 examples, 6 queries).
+
+    Measured here: Spearman per query [0.92 0.92 0.85 0.93 0.78 0.87] at damping 10 x mean
+    eigenvalue, against [0.17 0.49 0.72 0.36 0.11 0.23] for gradient similarity (H = I). At
+    Kronfluence's 0.1 x mean it is 0.4-0.8: with N=32 the dense Fisher has rank <= 32 and its exact
+    inverse is nearly a projection onto the 32 training gradients, which a Kronecker-factored
+    approximation cannot reproduce (a single Linear where EK-FAC is exact is tested above).
+    """
+    world = make_world(n_train=32, n_queries=6, hidden=8, layers=2)
+    cfg = CurvatureConfig(fisher="empirical", kinds="attn", block_start=1, damping=10.0, batch_size=8)
+    lm = world.lm
+    factors = fit_factors(lm, world.train, cfg)
+    modules = factors.tracked_modules(lm.model)
+    assert len(modules) == 4 and all(m.bias is not None for m in modules.values())
+    ours = influence_function(lm, world.train, world.queries, factors, per_query=True)
+
+    n = len(world.train)
+    train_grads = _flat_example_grads(lm, modules, world.train, lm_loss_fn(cfg), range(n))
+    query_grads = _flat_example_grads(lm, modules, world.queries, lambda m, b, i: response_losses(m, b),
+                                      range(len(world.queries)))
+    fisher_dense = train_grads.T @ train_grads / n
+    damp = []
+    offset = 0
+    for module in modules.values():
+        size = module.out_features * (module.in_features + 1)
+        lam = cfg.damping * float(torch.diagonal(fisher_dense)[offset: offset + size].mean())
+        damp.append(torch.full((size,), lam, dtype=torch.float64))
+        offset += size
+    assert offset == fisher_dense.shape[0]
+    exact = query_grads @ torch.linalg.solve(fisher_dense + torch.diag(torch.cat(damp)), train_grads.T)
+    similarity = query_grads @ train_grads.T
+    rho = [spearmanr(ours[:, q], exact[q].numpy()).statistic for q in range(len(world.queries))]
+    rho_sim = [spearmanr(similarity[q].numpy(), exact[q].numpy()).statistic for q in range(len(world.queries))]
+    assert np.mean(rho) >= 0.85 and min(rho) >= 0.75, rho
+    assert np.mean(rho) >= np.mean(rho_sim) + 0.3, (rho, rho_sim)
+
+
+def test_fit_does_not_depend_on_batch_size(world, monkeypatch):
+    for fisher in ("empirical", "sampled"):
+        f1 = fit_factors(world.lm, world.train, CurvatureConfig(fisher=fisher, kinds="mlp", batch_size=1))
+        f8 = fit_factors(world.lm, world.train, CurvatureConfig(fisher=fisher, kinds="mlp", batch_size=8))
+        for name, m in f1.modules.items():
+            assert torch.allclose(m.eigvals, f8.modules[name].eigvals, rtol=1e-5, atol=1e-9)
+    # The eigenvalue pass splits a batch into chunks when rotated gradients would be large.
+    monkeypatch.setattr("cinf_core.curvature.ekfac.LAMBDA_CHUNK_BYTES", 1)
+    chunked = fit_factors(world.lm, world.train, CurvatureConfig(fisher="sampled", kinds="mlp", batch_size=8))
+    for name, m in f8.modules.items():
+        assert torch.allclose(m.eigvals, chunked.modules[name].eigvals, rtol=1e-6, atol=1e-12)
+        assert f1.n_tokens == f8.n_tokens == sum(len(e.input_ids) for e in world.train)
+
+
+def test_precondition_checks_shapes(world):
+    factors = fit_factors(world.lm, world.train[:4], CurvatureConfig(kinds="mlp", block_stop=1))
+    name = next(iter(factors.modules))
+    with pytest.raises(ValueError, match="has shape"):
+        precondition(factors, {name: torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="no factors for module"):
+        precondition(factors, {"model.layers.1.mlp.up_proj": torch.zeros(32, 16)})
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_factors_are_cached_and_reused(world, tmp_path):
+    cfg = CurvatureConfig(kinds="mlp", fisher="empirical")
+    calls = []
+    first = load_or_fit_factors(world.lm, world.train, cfg, tmp_path, dataset_id="d1",
+                                progress=calls.append)
+    assert sum(calls) == 2 * len(world.train)  # two passes
+    calls.clear()
+    again = load_or_fit_factors(world.lm, world.train, CurvatureConfig(kinds="mlp", fisher="empirical", damping=0.3),
+                                tmp_path, dataset_id="d1", progress=calls.append)
+    assert calls == []  # loaded, not refitted, although damping changed
+    assert again.config.damping == 0.3 and again.dataset_id == "d1"
+    for name, m in first.modules.items():
+        assert torch.equal(m.eigvecs_a, again.modules[name].eigvecs_a)
+        assert torch.equal(m.eigvals, again.modules[name].eigvals)
+    load_or_fit_factors(world.lm, world.train[:8], cfg, tmp_path, dataset_id="d2", progress=calls.append)
+    assert sum(calls) == 16  # another dataset id: a new fit
+    load_or_fit_factors(world.lm, world.train, cfg, tmp_path, dataset_id="d1", below_layer=1,
+                        progress=calls.append)
+    assert sum(calls) == 16 + 32  # other modules: a new fit
+    assert len(list(tmp_path.iterdir())) == 3
+    with pytest.raises(FileNotFoundError, match="no EK-FAC factors"):
+        EKFACFactors.load(tmp_path / "missing")
+
+
+def test_factors_reject_another_model(world, world3):
+    factors = fit_factors(world.lm, world.train[:4], CurvatureConfig(kinds="attn"))
+    with pytest.raises(ValueError, match="belong to another model"):
+        factors.tracked_modules(world3.lm.model)  # same names, but no attention biases there
+
+
+# ---------------------------------------------------------------- Kronfluence oracle
+
+
+def test_matches_kronfluence(world):
+    """Same modules, damping (0.1 x mean eigenvalue per module), data, empirical Fisher: our EK-FAC
+    IF vs Kronfluence 1.0.1's pairwise scores."""
+    pytest.importorskip("kronfluence", reason="oracle not installed: pip install --no-deps "
+                        "kronfluence==1.0.1 einconv opt_einsum")
+    from cinf_core.curvature.oracle import kronfluence_influence
+
+    cfg = CurvatureConfig(fisher="empirical", damping=0.1, damping_mode="relative", batch_size=8)
+    ours = influence_function(world.lm, world.train, world.queries, fit_factors(world.lm, world.train, cfg),
+                              per_query=True)
+    theirs = kronfluence_influence(world.lm, world.train, world.queries, cfg)
+    assert theirs.shape == (len(world.queries), len(world.train))
+    for q in range(len(world.queries)):
+        assert spearmanr(ours[:, q], theirs[q]).statistic >= 0.95
+    assert np.abs(ours.T - theirs).max() <= 1e-3 * np.abs(theirs).max()
+
+
+def test_timing_against_kronfluence(world):
+    pytest.importorskip("kronfluence", reason="oracle not installed: pip install --no-deps "
+                        "kronfluence==1.0.1 einconv opt_einsum")
+    from cinf_core.curvature import time_influence_vs_kronfluence
+
+    cfg = CurvatureConfig(fisher="empirical", kinds="mlp", batch_size=4)
+    result = time_influence_vs_kronfluence(world.lm, world.train[:8], world.queries[:2], cfg)
+    assert result["cinf_s"] > 0 and result["kronfluence_s"] > 0
+    assert result["ratio"] == pytest.approx(result["kronfluence_s"] / result["cinf_s"])
+    assert result["spearman"] >= 0.95

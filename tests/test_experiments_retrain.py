@@ -1,0 +1,73 @@
+"""Filter-and-retrain on the quick world: cells land in the store, resume after a kill, never
+recompute, and two jobs share one grid."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cinf_core.experiments.retrain import RetrainConfig, kept_indices, run_grid
+from cinf_core.store import Store
+from conftest import copy_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kept_indices():
+    order = [5, 3, 9, 1, 0, 2, 4, 6, 7, 8]  # descending score
+    assert kept_indices(order, "most", 0.3) == [0, 1, 2, 4, 6, 7, 8]
+    assert kept_indices(order, "least", 0.3) == [0, 1, 2, 3, 4, 5, 9]
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        RetrainConfig(trait="evil", fractions=(0.0,))
+    with pytest.raises(ValueError, match="unknown method"):
+        RetrainConfig(trait="evil", methods=("magic",))
+
+
+@pytest.mark.slow
+def test_two_cell_grid_and_summary(quick_world, tmp_path):
+    ws = copy_workspace(quick_world, tmp_path / "ws")
+    cfg = RetrainConfig(trait="evil", methods=("vector_filter",), modes=("most",),
+                        fractions=(0.5,), seeds=(0,))
+    out = run_grid(ws, cfg)
+    # base + all(seed 0) + one filtered cell
+    assert out["n_cells_complete"] == out["n_cells_total"] == 3
+    assert out["base"] is not None and out["finetuned"] is not None
+    cell = [c for c in out["cells"] if c["method"] == "vector_filter"][0]
+    assert cell["fraction"] == 0.5 and cell["n_seeds"] == 1
+    assert cell["n_kept"] == 200 and 0 <= cell["trait_mean"] <= 100
+    assert 0 < cell["capability_mean"] <= 100
+    assert not any((ws / "artifacts" / "retrain").rglob("adapter_model.safetensors"))  # cleaned
+    again = run_grid(ws, cfg)
+    assert again["computed_here"] == 0  # a finished cell is never recomputed
+
+
+@pytest.mark.slow
+def test_killed_job_resumes(quick_world, tmp_path):
+    ws = copy_workspace(quick_world, tmp_path / "ws")
+    cmd = [sys.executable, "-m", "cinf_core", "retrain", "--trait", "evil", "--methods", "random",
+           "--modes", "most", "--fractions", "0.5", "--seeds", "0", "1", "--workspace", str(ws),
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = Store(ws)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # kill it once the first cells are in
+        cells = store.retrain_cells()
+        if len(cells) and (cells["status"] == "complete").sum() >= 2:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done_before = set(map(tuple, store.retrain_cells().query("status == 'complete'")[
+        ["method", "fraction", "seed"]].itertuples(index=False)))
+    assert 2 <= len(done_before) < 5
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["n_cells_complete"] == summary["n_cells_total"] == 5
+    assert summary["computed_here"] == 5 - len(done_before)
