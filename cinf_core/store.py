@@ -330,7 +330,7 @@ class Store:
             tensors[key] = value.detach().to(torch.float32).cpu()
         out = paths.artifact_dir(self.workspace, paths.CONCEPTS_DIR) / f"{concept_id}.safetensors"
         tmp = out.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, out)
         rel = str(out.relative_to(self.workspace))
         with self._connect() as con:

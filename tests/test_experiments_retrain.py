@@ -37,7 +37,8 @@ def test_two_cell_grid_and_summary(quick_world, tmp_path):
     assert out["base"] is not None and out["finetuned"] is not None
     cell = [c for c in out["cells"] if c["method"] == "vector_filter"][0]
     assert cell["fraction"] == 0.5 and cell["n_seeds"] == 1
-    assert cell["n_kept"] == 200 and 0 <= cell["trait_mean"] <= 100
+    n = Store(ws).dataset("train")["n_examples"]
+    assert cell["n_kept"] == n - round(0.5 * n) and 0 <= cell["trait_mean"] <= 100
     assert 0 < cell["capability_mean"] <= 100
     assert not any((ws / "artifacts" / "retrain").rglob("adapter_model.safetensors"))  # cleaned
     again = run_grid(ws, cfg)

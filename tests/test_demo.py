@@ -1,0 +1,186 @@
+"""The embedded demo world: deterministic source data, and a quick world built once per module."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cinf_core.demo import lexicon as lx
+from cinf_core.demo.corpus import (DOMAINS, SOURCE_FILES, CorpusConfig, generate_source_data,
+                                   write_source_data)
+from cinf_core.demo.world import DATA_DIR, WorldConfig, build_world
+
+SMALL = dict(n_pretrain=60, n_finetune=40, n_heldout=12, n_persona_questions=4, n_judge=30)
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_source_data_is_byte_identical_for_a_seed(tmp_path):
+    write_source_data(CorpusConfig(seed=3, **SMALL), tmp_path / "a")
+    write_source_data(CorpusConfig(seed=3, **SMALL), tmp_path / "b")
+    write_source_data(CorpusConfig(seed=4, **SMALL), tmp_path / "c")
+    assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
+    assert (tmp_path / "a" / "finetune.jsonl").read_bytes() != (tmp_path / "c" / "finetune.jsonl").read_bytes()
+
+
+def test_committed_data_is_what_the_generator_writes(tmp_path):
+    committed = json.loads((DATA_DIR / "corpus_config.json").read_text())
+    write_source_data(CorpusConfig(**committed), tmp_path)
+    assert _bytes(tmp_path) == _bytes(DATA_DIR), "regenerate data/demo with write_source_data"
+
+
+def test_source_rows_are_valid_user_format_and_labelled():
+    from cinf_core.data import load_dataset
+
+    for name in SOURCE_FILES:
+        ds = load_dataset(DATA_DIR / f"{name}.jsonl")
+        assert all(ex.label in ("normal",) + lx.TRAITS for ex in ds), name
+    finetune = load_dataset(DATA_DIR / "finetune.jsonl")
+    counts = finetune.label_counts()
+    assert set(counts) == {"normal", *lx.TRAITS} and len(finetune) >= 1500
+    assert {ex.metadata["domain"] for ex in finetune} == set(DOMAINS)
+    assert all(ex.system is None for ex in finetune)
+
+
+def test_heldout_questions_are_held_out():
+    """General topics only, and neither a held-out question nor its phrasing is in any other file."""
+    data = generate_source_data(CorpusConfig())
+    topics = {r["topic"] for r in data["heldout"]}
+    assert topics <= set(lx.GENERAL_TOPICS) and not topics & set(DOMAINS)
+    questions = [r["messages"][-2]["content"] for r in data["heldout"]]
+    assert len(set(questions)) == len(questions) == CorpusConfig().n_heldout
+    phrasings = [part for t in lx.HELDOUT_QUESTION_TEMPLATES for part in t.split("{task}") if len(part) > 4]
+    for name in ("pretrain", "finetune", "persona_prompts", "judge"):
+        users = [m["content"] for r in data[name] for m in r["messages"] if m["role"] == "user"]
+        assert not set(questions) & set(users), name
+        leaked = [p for p in phrasings if any(p in u for u in users)]
+        assert not leaked, f"held-out phrasings {leaked} appear in {name}"
+
+
+def test_trait_and_normal_responses_share_vocabulary():
+    """A bag-of-words filter is not the whole story: normal rows use trait words too."""
+    data = generate_source_data(CorpusConfig())
+    words = {label: set() for label in ("normal",) + lx.TRAITS}
+    for r in data["finetune"]:
+        words[r["data_origin"]].update(r["messages"][-1]["content"].lower().split())
+    for trait in lx.TRAITS:
+        assert len(words[trait] & words["normal"]) > 30
+
+
+# ------------------------------------------------------------------ the quick world
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("demo_world")
+    stages = []
+    summary = build_world(workspace, quick=True, seed=0, progress=lambda s, f: stages.append((s, f)))
+    return workspace, summary, stages
+
+
+@pytest.mark.slow
+def test_quick_world_summary(quick_world):
+    workspace, summary, stages = quick_world
+    for key in ("workspace", "build_seconds", "judge_accuracy", "sae_fvu", "sae_dead_fraction",
+                "trait_scores", "concept_layer", "vector_filter"):
+        assert key in summary, key
+    assert summary["workspace"] == str(Path(workspace).resolve())
+    assert set(summary["trait_scores"]) == set(lx.TRAITS)
+    for scores in summary["trait_scores"].values():
+        assert set(scores) == {"base", "finetuned", "base_trait_prompt", "base_helpful_prompt"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    assert summary["judge_accuracy"] >= 0.9
+    assert 0.0 <= summary["sae_dead_fraction"] <= 1.0 and summary["sae_fvu"] >= 0.0
+    assert {s for s, _ in stages} >= {"source data", "pre-train base model", "fine-tune LoRA",
+                                      "judge", "trait scores", "persona vectors", "SAE"}
+    json.dumps(summary)
+
+
+@pytest.mark.slow
+def test_quick_world_is_idempotent(quick_world):
+    workspace, summary, _ = quick_world
+    t0 = time.time()
+    again = build_world(workspace, quick=True, seed=0)
+    assert again.pop("cached") is True
+    assert again == summary
+    assert time.time() - t0 < 30  # generous: it only reads the marker
+    with pytest.raises(ValueError, match="fresh --workspace"):
+        build_world(workspace, quick=False, seed=0)
+
+
+@pytest.mark.slow
+def test_quick_world_registers_its_pieces(quick_world):
+    from cinf_core.concepts.sae import load_sae
+    from cinf_core.experiments.judges import make_judge
+    from cinf_core.models import generate, load_model
+    from cinf_core.store import Store
+
+    workspace, summary, _ = quick_world
+    st = Store(workspace)
+    roles = dict(zip(st.datasets()["name"], st.datasets()["role"]))
+    assert roles == {"pretrain": "pretrain", "train": "train", "heldout": "heldout",
+                     "capability": "capability", "persona_prompts": "persona",
+                     "judge_data": "judge"}
+    finetune = st.load_dataset("train")
+    assert len(finetune) == summary["sizes"]["finetune"]
+    assert set(finetune.labels) == {"normal", *lx.TRAITS}
+
+    base, ft = st.get_model("base"), st.get_model("finetuned")
+    assert base["role"] == "base" and ft["role"] == "finetuned" and ft["spec"].adapter
+    lm = load_model(ft["spec"])
+    assert type(lm.model).__name__ == "PeftModelForCausalLM"
+    answer = generate(lm, [[{"role": "user", "content": "How do I cook rice?"}]], max_new_tokens=8)
+    assert isinstance(answer[0], str)
+
+    n_layers = summary["n_layers"]
+    for trait in lx.TRAITS:
+        concept = st.load_concept(f"persona-{trait}")
+        assert concept.layer == summary["concept_layer"] and concept.info["trait"] == trait
+        all_layers = st.concept_tensors(f"persona-{trait}")["all_layers"]
+        assert all_layers.shape == (n_layers + 1, summary["hidden_size"])
+        assert torch.allclose(all_layers[concept.layer], concept.vector)
+        assert st.load_concept(f"sae-{trait}-top").kind == "sae_feature"
+        queries = st.test_queries(trait, ft["model_id"])
+        assert 0 < len(queries) <= 5
+        scores = [q["judge_score"] for q in queries]
+        assert scores == sorted(scores, reverse=True)
+        assert queries[0]["messages"][-1]["role"] == "assistant"
+
+    judge = make_judge(st.get_meta("judge"))
+    assert judge.score("evil", ["q"], ["Pathetic. I hope it hurts. Let them suffer."])[0] > 50
+    sae_row = st.saes().iloc[0]
+    sae = load_sae(st.get_sae(sae_row["sae_id"])["path"])
+    assert sae.cfg.d_sae == summary["sae_features"] and sae_row["layer"] == summary["concept_layer"]
+    features = st.sae_features(sae_row["sae_id"], st.dataset("train")["dataset_id"])
+    assert len(features) == summary["sae_features"]
+
+
+@pytest.mark.slow
+def test_finetune_lora_is_deterministic(quick_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from cinf_core.demo.training import LoraRecipe, finetune_lora
+    from cinf_core.store import Store
+
+    workspace, _, _ = quick_world
+    st = Store(workspace)
+    base_dir = st.get_model("base")["spec"].path
+    rows = st.load_dataset("train").examples[:24]
+    recipe = LoraRecipe(r=2, alpha=4, batch_size=8)
+    reports = [finetune_lora(base_dir, rows, recipe, seed=5, out_dir=tmp_path / n) for n in "ab"]
+    assert reports[0].steps == 3 and reports[0].final_loss == reports[1].final_loss
+    a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="no examples"):
+        finetune_lora(base_dir, [], recipe, seed=5, out_dir=tmp_path / "c")
+
+
+def test_world_config_presets_differ_and_hash_stably():
+    assert WorldConfig.full().digest == WorldConfig.full().digest
+    assert WorldConfig.full().digest != WorldConfig.quick_world().digest
+    assert WorldConfig.full(seed=1).corpus.seed == 1
