@@ -114,6 +114,18 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
+            from .experiments.evaluate import latest_runs
+            from .methods.runner import METHODS
+            from .store import Store
+
+            store = Store(args.workspace)
+            missing = [t for t in store.traits() if set(latest_runs(store, t)) < set(METHODS)]
+            if missing:
+                from .jobs import start_job
+
+                start_job(args.workspace, "results", {})
+                print("scoring every method in the background (see Overview > Jobs)",
+                      file=sys.stderr)
         env = dict(os.environ, CINF_WORKSPACE=str(Path(args.workspace).resolve()))
         cmd = streamlit_command(args.address, args.port)
         print(f"open http://{args.address}:{args.port}", file=sys.stderr)
@@ -274,10 +286,18 @@ def _merge(p: argparse.ArgumentParser):
 @command("evaluate", "AUC-PR of every method against data_origin labels, and method correlations")
 def _evaluate(p: argparse.ArgumentParser):
     p.add_argument("--trait", action="append", help="trait(s) to evaluate (default: all)")
+    p.add_argument("--no-score", action="store_true",
+                   help="evaluate existing runs only (default: score missing methods first)")
 
     def run(args):
-        from .experiments.evaluate import evaluate
+        from .experiments.evaluate import ensure_runs, evaluate
 
+        if not args.no_score:
+            progress = Progress(not args.no_progress)
+            try:
+                ensure_runs(args.workspace, args.trait, progress=progress)
+            finally:
+                progress.close()
         result = evaluate(args.workspace, args.trait)
         for trait, per_method in result["auc_pr"].items():
             print(f"AUC-PR for {trait} (positive rate {result['positive_rate'][trait]:.3f})",

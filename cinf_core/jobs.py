@@ -61,6 +61,8 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("retrain", "Filter and retrain experiment", command="retrain"),
     JobKind("features", "SAE feature data and attribution", command="features"),
     JobKind("evaluate", "Evaluate methods against labels", command="evaluate"),
+    JobKind("results", "Score every method and compute the SAE feature views",
+            function="cinf_core.experiments.evaluate:compute_results"),
     JobKind("add-dataset", "Register a dataset", command="add-dataset"),
     JobKind("add-model", "Register a model", command="add-model"),
     JobKind("datasets", "List datasets", command="datasets"),

@@ -102,9 +102,13 @@ def test_runner_streams_caches_and_resumes(workspace, tiny_lm, concept, monkeypa
 
     def dying(self, run_id, idx, values):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] >= 2:
             raise KeyboardInterrupt
         return real(self, run_id, idx, values)
+
+    import cinf_core.methods.runner as runner
+
+    monkeypatch.setattr(runner, "FLUSH_S", 0.0)  # write every batch, so the kill lands mid-run
 
     monkeypatch.setattr(store.__class__, "_add_scores", dying)
     with pytest.raises(KeyboardInterrupt):

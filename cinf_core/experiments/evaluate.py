@@ -18,6 +18,23 @@ def latest_runs(store: Store, trait: str) -> dict[str, str]:
     return out
 
 
+def ensure_runs(workspace, traits: list[str] | None = None, methods: tuple[str, ...] | None = None,
+                progress=None) -> dict[str, dict[str, str]]:
+    """Score every (trait, method) that has no complete run yet; ``{trait: {method: run_id}}``."""
+    from ..methods.runner import METHODS, ScoreConfig, score
+
+    store = Store(workspace)
+    out: dict[str, dict[str, str]] = {}
+    for trait in traits or store.traits():
+        have = latest_runs(store, trait)
+        for method in methods or METHODS:
+            if method not in have:
+                have[method] = score(workspace, ScoreConfig(method=method, trait=trait),
+                                     progress=progress)["run_id"]
+        out[trait] = have
+    return out
+
+
 def evaluate(workspace, traits: list[str] | None = None) -> dict:
     """AUC-PR of each method's scores against ``data_origin == trait`` and correlations between
     methods, per trait (only methods with a complete run over the same dataset)."""
@@ -44,4 +61,30 @@ def evaluate(workspace, traits: list[str] | None = None) -> dict:
             result["auc_pr"][trait] = {m: auc_pr(s, labels) for m, s in scores.items()}
         result["spearman"][trait] = correlation_matrix(scores, "spearman")
         result["pearson"][trait] = correlation_matrix(scores, "pearson")
+    return result
+
+
+def compute_results(workspace, progress=None) -> dict:
+    """Everything the pages show for a workspace: every method scored for every trait, the SAE
+    feature data and Figure 4 attributions (when an SAE is registered), and the evaluation
+    (stored in meta ``evaluation``)."""
+    from ..concepts.features import attribute_run_to_features, compute_feature_data, trait_share
+    from ..methods.runner import cached_model
+
+    store = Store(workspace)
+    runs = ensure_runs(workspace, progress=progress)
+    figure4: dict = {}
+    saes = store.saes()
+    if not saes.empty:
+        sae = saes["sae_id"].iloc[-1]
+        lm = cached_model(store.get_model("finetuned")["spec"])
+        compute_feature_data(workspace, lm, sae, dataset="train", progress=progress)
+        for trait, by_method in runs.items():
+            for method in ("influence_function", "concept_influence"):
+                top = attribute_run_to_features(workspace, by_method[method], sae, k=10)
+                figure4.setdefault(trait, {})[method] = {
+                    "trait_share_top10": trait_share(top, trait),
+                    "top_features": top["feature"].astype(int).tolist()}
+    result = {**evaluate(workspace), "figure4": figure4}
+    store.set_meta("evaluation", result)
     return result

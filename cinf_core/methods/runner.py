@@ -26,6 +26,7 @@ NEEDS_CONCEPT = ("concept_influence", "vector_filter", "projection_difference")
 NEEDS_QUERIES = ("influence_function", "concept_influence", "grad_sim")
 
 Progress = Callable[[str, float], None] | None
+FLUSH_S = 5.0
 
 
 @dataclass
@@ -182,26 +183,57 @@ def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
 
 
 def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
-    cfg, dataset, model_row, concept, queries = p.cfg, p.dataset, p.model_row, p.concept, p.queries
+    cfg, n = p.cfg, p.n_total
     timings: dict[str, float] = {}
-    n = int(dataset["n_examples"])
     todo = sorted(set(range(n)) - handle.done_indices())
     done = n - len(todo)
 
+    # Scores reach the store in transactions of at most FLUSH_S seconds of work (a killed run
+    # loses no more than that); one transaction per small batch would cost more than the batch.
+    pending_idx: list[int] = []
+    pending_val: list[float] = []
+    last_flush = time.perf_counter()
+
+    def flush():
+        nonlocal last_flush
+        if pending_idx:
+            handle.add_scores(pending_idx, pending_val)
+            pending_idx.clear()
+            pending_val.clear()
+        last_flush = time.perf_counter()
+
     def stream(indices, values):
         nonlocal done
-        handle.add_scores(list(indices), np.asarray(values, dtype=np.float64).tolist())
+        pending_idx.extend(int(i) for i in indices)
+        pending_val.extend(np.asarray(values, dtype=np.float64).tolist())
         done += len(indices)
+        if time.perf_counter() - last_flush > FLUSH_S:
+            flush()
         if progress:
             progress(f"score {cfg.method}", done / n)
 
+    try:
+        _dispatch(store, p, timings, todo, stream, progress)
+    except BaseException:
+        flush()  # keep what was scored before the failure; the rerun resumes after it
+        raise
+    t = time.perf_counter()
+    flush()
+    timings["score_s"] += time.perf_counter() - t
+    return timings
+
+
+def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, progress) -> None:
+    """Compute the scores of ``todo`` with the run's method, handing them to ``stream``."""
+    cfg, dataset, model_row, concept, queries = p.cfg, p.dataset, p.model_row, p.concept, p.queries
+    n = p.n_total
     if cfg.method == "random":
         t = time.perf_counter()
         for s in range(0, len(todo), 4096):
             chunk = todo[s:s + 4096]
             stream(chunk, forward.random_scores(n, cfg.seed, chunk))
         timings["score_s"] = time.perf_counter() - t
-        return timings
+        return
 
     t = time.perf_counter()
     lm = cached_model(model_row["spec"])
@@ -236,4 +268,3 @@ def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
 
         timings.update(run_gradient_method(store, cfg, lm, encoded, dataset, model_row, concept,
                                            queries, todo, stream, progress))
-    return timings
