@@ -434,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.command not in ("app", "demo"):  # the demo build picks its own; the app spawns
+        import torch
+
+        from .models import torch_threads
+
+        env = os.environ.get("CINF_THREADS")
+        torch.set_num_threads(torch_threads(int(env) if env else None))
     try:
         result = args.runner(args)
     except KeyboardInterrupt:

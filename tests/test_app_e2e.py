@@ -8,7 +8,6 @@ saves a screenshot per page under ``test-output/screenshots/`` (git-ignored).
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path

@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from cinf_core.cli import main
 from conftest import chat

@@ -1,6 +1,5 @@
 """SAE feature data over a dataset and the Figure 4 attribution, checked by direct computation."""
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

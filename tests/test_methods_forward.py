@@ -8,7 +8,7 @@ from cinf_core.concepts import DirectionConcept
 from cinf_core.data import ChatDataset, ChatExample, encode_dataset
 from cinf_core.methods import ScoreConfig, score
 from cinf_core.methods import forward
-from cinf_core.models import ModelSpec, generate, hidden_states_at
+from cinf_core.models import ModelSpec, generate
 from cinf_core.store import Store
 from conftest import SMALL_TEXTS, chat
 

@@ -34,7 +34,7 @@ import torch
 
 from .. import paths
 from ..data import ChatDataset, ChatExample, load_dataset
-from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..models import LoadedModel, ModelSpec, generate, load_model, torch_threads
 from . import lexicon as lx
 from .corpus import SOURCE_FILES, CorpusConfig, write_source_data
 from .training import BaseModelRecipe, LoraRecipe, TrainReport, finetune_lora, pretrain_base
@@ -165,21 +165,6 @@ def source_data(cfg: WorldConfig, workspace: Path) -> Path:
     if not all((out / f"{name}.jsonl").exists() for name in SOURCE_FILES):
         write_source_data(cfg.corpus, out)
     return out
-
-
-def torch_threads(requested: int | None) -> int:
-    """Intra-op threads for the build: ``requested``, or the cores not busy right now.
-
-    Waiting intra-op threads spin, so on a shared machine whose cores are already taken two
-    threads run far slower than one (measured on the 2-core dev box under load 7: 219 vs 2406
-    training tokens/s).
-    """
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"threads must be >= 1 (or None for automatic), got {requested}")
-        return requested
-    cores = os.cpu_count() or 1
-    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
 
 
 def _first(dataset: ChatDataset, n: int | None) -> ChatDataset:

@@ -47,7 +47,7 @@ def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length:
     trait = trait or traits[0]
     scratch = scratch_copy(workspace)
     try:
-        results, table = {}, []
+        results = {}
         for method in METHODS:
             summary = score(scratch, ScoreConfig(method=method, trait=trait, batch_size=batch_size,
                                                  max_length=max_length), progress=progress)

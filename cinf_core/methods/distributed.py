@@ -103,7 +103,6 @@ def _distributed_fit(comm: Communicator, n_total: int):
     """A drop-in for ``load_or_fit_factors`` that fits across ranks (cache read/written by rank 0)."""
     from ..curvature.ekfac import EKFACFactors, factors_key, fit_ekfac, lm_loss_fn, FACTORS_META_FILE
     from ..curvature.modules import select_modules
-    from ..data import batches
 
     def fit(lm, encoded, cfg, cache_dir, dataset_id, below_layer=None, model_id=None, progress=None):
         modules = select_modules(lm.model, cfg, below_layer=below_layer)
