@@ -18,6 +18,7 @@ Backend: ``gloo`` on CPU, ``nccl`` when CUDA is available; nothing else changes.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from dataclasses import replace
@@ -96,7 +97,18 @@ def init_process_group() -> Communicator:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # A process that exits with the group alive can abort in gloo's threads (SIGABRT,
+        # "terminate called without an active exception"); leave the group on exit.
+        atexit.register(_leave_group)
     return Communicator()
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _distributed_fit(comm: Communicator, n_total: int):
