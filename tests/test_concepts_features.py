@@ -28,7 +28,9 @@ def test_feature_influence_matches_definition():
     full = feature_influence(scores, groups, acts, k=8)
     assert table["total"].tolist() == sorted(full["total"], reverse=True)[:3]
     share = trait_share(table, "evil")
-    assert share == pytest.approx(table["evil"].sum() / table[["evil", "normal", "sycophantic"]].to_numpy().sum())
+    groups = table[["evil", "normal", "sycophantic"]].to_numpy()
+    assert share == pytest.approx(table["evil"].sum() / np.abs(groups).sum())
+    assert -1 <= share <= 1
     with pytest.raises(ValueError, match="same dataset"):
         feature_influence(scores[:5], groups[:5], acts)
 

@@ -144,9 +144,10 @@ def feature_influence(scores: np.ndarray, groups: np.ndarray, acts: torch.Tensor
 
 
 def trait_share(table: pd.DataFrame, trait: str) -> float:
-    """Share of the top features' total influence that comes from ``trait``-labelled data."""
+    """Share of the top features' influence that comes from ``trait``-labelled data:
+    ``sum_j F_j^trait / sum_j sum_g |F_j^g|`` (in [-1, 1]; groups can push either way)."""
     groups = [c for c in table.columns if c not in ("feature", "total")]
-    total = table[groups].to_numpy().sum()
+    total = np.abs(table[groups].to_numpy()).sum()
     return float(table[trait].sum() / total) if trait in table and total != 0 else float("nan")
 
 
