@@ -81,7 +81,9 @@ def figure4() -> None:
             totals = top.groupby("grp")["influence"].sum()
             if trait_label in totals and totals.abs().sum() > 0:
                 st.metric(f"Share from `{trait_label}` data (top {top_n})",
-                          f"{totals[trait_label] / totals.sum():.0%}")
+                          f"{totals[trait_label] / totals.abs().sum():.0%}",
+                          help="Σ_j F_j^trait / Σ_j Σ_g |F_j^g| over the top features: groups can "
+                               "push a feature either way, so the denominator counts both.")
 
 
 if have:
