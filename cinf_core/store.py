@@ -510,6 +510,11 @@ class Store:
             con.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
             con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
 
+    def _drop_generations(self) -> None:
+        """Delete every cached generation (used on scratch copies, so benchmarks pay for them)."""
+        with self._connect() as con:
+            con.execute("DELETE FROM generations")
+
     def runs(self, method: str | None = None, status: str | None = None) -> pd.DataFrame:
         sql, params = "SELECT * FROM runs WHERE 1=1", []
         if method:
