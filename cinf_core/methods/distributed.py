@@ -30,7 +30,7 @@ from .. import paths
 from ..data import encode_dataset
 from ..store import Store
 from . import forward
-from .runner import GRADIENT_METHODS, RunPlan, ScoreConfig, cached_model, plan
+from .runner import GRADIENT_METHODS, RunPlan, ScoreConfig, cached_model, generation_key, plan
 from .shards import ShardPlan
 
 
@@ -190,11 +190,10 @@ def _pd_scorer(store: Store, p: RunPlan, lm, encoded, shard_plan: ShardPlan, tim
     """Projection Difference: generations come from the store's cache or are made here and kept
     in the shard folder (rank 0 stores them with the merge)."""
     from ..models import generate
-    from ..store import config_hash
 
     cfg = p.cfg
     gen_row = store.get_model(cfg.generator)
-    gen_key = config_hash({"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+    gen_key = generation_key(cfg)
     cached = store.generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key)
     lm_gen = cached_model(gen_row["spec"])
     examples = store.load_dataset(p.dataset["dataset_id"]).examples
@@ -272,10 +271,8 @@ def merge_shards(workspace, p: RunPlan, shard_plan: ShardPlan, rank_timings: lis
     store = Store(workspace)
     gens = shard_plan.read_generations()
     if gens is not None and p.cfg.method == "projection_difference":
-        from ..store import config_hash
-
         gen_row = store.get_model(p.cfg.generator)
-        gen_key = config_hash({"max_new_tokens": p.cfg.max_new_tokens, "temperature": 0.0})
+        gen_key = generation_key(p.cfg)
         store.add_generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key,
                               gens["idx"].tolist(), gens["response"].tolist())
     store.import_run(p.cfg.method, p.dataset["dataset_id"], p.model_row["model_id"], p.run_config,

@@ -65,10 +65,15 @@ def cached_model(spec: ModelSpec) -> LoadedModel:
     return _MODEL_CACHE[key]
 
 
+def generation_key(cfg: ScoreConfig) -> str:
+    """Key of the cached generations y' a Projection Difference run uses (greedy decoding)."""
+    return config_hash({"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+
+
 def _generations(store: Store, lm_gen: LoadedModel, gen_model_id: str, dataset_id: str,
                  examples, cfg: ScoreConfig, progress: Progress) -> list[str]:
     """The generator's own responses to every training prompt, cached in the store per batch."""
-    gen_key = config_hash({"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+    gen_key = generation_key(cfg)
     have = store.generations(dataset_id, gen_model_id, gen_key)
     missing = [i for i in range(len(examples)) if i not in have]
     step = max(cfg.batch_size, 1)
