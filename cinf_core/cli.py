@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         emit({"error": str(message), "command": args.command})
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 prints the one summary (it gathers every rank's part)
     if isinstance(result, dict):
         result.setdefault("command", args.command)
         result.setdefault("seconds", round(time.perf_counter() - start, 3))

@@ -253,6 +253,7 @@ def score_distributed(workspace, cfg: ScoreConfig, progress=None) -> dict:
         shard_plan.finish(k, idx, values, {**timings, "rank": comm.rank})
     timings["score_s"] = time.perf_counter() - t
     all_timings = comm.gather_objects(timings)
+    summary["shards_by_rank"] = comm.gather_objects(mine)
     comm.barrier()
     if comm.rank == 0:
         merged = merge_shards(workspace, p, shard_plan, all_timings)
