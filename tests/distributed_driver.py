@@ -1,11 +1,14 @@
 """Run under torchrun by tests/test_methods_distributed.py: score several methods in one launch.
 
 ``--die-rank R`` makes rank R exit just before it would finish its first shard (the test's way of
-killing a rank mid-run without a hook in the product code).
+killing a rank mid-run without a hook in the product code). It first waits until every other shard
+is written: torchrun stops the surviving ranks as soon as one dies, so without the wait whether
+they finished their own shard would be a race.
 """
 import argparse
 import json
 import os
+import time
 
 from cinf_core.methods.runner import ScoreConfig, score
 from cinf_core.methods.shards import ShardPlan
@@ -19,7 +22,11 @@ parser.add_argument("--die-rank", type=int, default=-1)
 args = parser.parse_args()
 
 if int(os.environ["RANK"]) == args.die_rank:
-    def die(self, *a, **k):
+    def die(self, shard, *a, **k):
+        deadline = time.monotonic() + 300
+        others = [s for s in range(self.n_shards) if s != shard]
+        while time.monotonic() < deadline and not all(self._parquet(s).exists() for s in others):
+            time.sleep(0.2)
         os._exit(3)
 
     ShardPlan.finish = die
