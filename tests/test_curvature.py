@@ -16,7 +16,6 @@ from cinf_core.curvature import (
     precondition,
     select_modules,
 )
-from cinf_core.curvature.ekfac import lm_loss_fn
 from cinf_core.curvature.lm import response_losses
 from cinf_core.data import collate
 from cinf_core.methods.gradient import influence_function
@@ -155,57 +154,96 @@ def _flat_example_grads(lm, modules, examples, loss_fn, indices):
     rows = []
     for i, ex in zip(indices, examples):
         loss = loss_fn(lm.model, collate([ex], lm.pad_token_id), [i]).sum()
-        gs = torch.autograd.grad(loss, params)
-        parts, k = [], 0
-        for module in modules.values():
-            if module.bias is not None:
-                parts.append(torch.cat([gs[k], gs[k + 1].unsqueeze(-1)], dim=-1).reshape(-1))
-                k += 2
-            else:
-                parts.append(gs[k].reshape(-1))
-                k += 1
-        rows.append(torch.cat(parts))
+        rows.append(_flatten(modules, torch.autograd.grad(loss, params)))
     return torch.stack(rows).double()
 
 
-def test_ekfac_influence_matches_dense_damped_fisher():
-    """EK-FAC IF vs the exact inverse of the dense damped Fisher with the same definition (empirical
-    Fisher: true labels, per-example summed loss; the same per-module damping) over the tracked
-    [W | b] of block 1's attention (288 parameters, 32 examples, 6 queries).
+def _flatten(modules, grads):
+    """Per-parameter gradients (module order, weight then bias) as one ``[W | b]`` vector per module."""
+    parts, k = [], 0
+    for module in modules.values():
+        if module.bias is not None:
+            parts.append(torch.cat([grads[k], grads[k + 1].unsqueeze(-1)], dim=-1).reshape(-1))
+            k += 2
+        else:
+            parts.append(grads[k].reshape(-1))
+            k += 1
+    return torch.cat(parts)
 
-    Measured here: Spearman per query [0.92 0.92 0.85 0.93 0.78 0.87] at damping 10 x mean
-    eigenvalue, against [0.17 0.49 0.72 0.36 0.11 0.23] for gradient similarity (H = I). At
-    Kronfluence's 0.1 x mean it is 0.4-0.8: with N=32 the dense Fisher has rank <= 32 and its exact
-    inverse is nearly a projection onto the 32 training gradients, which a Kronecker-factored
-    approximation cannot reproduce (a single Linear where EK-FAC is exact is tested above).
+
+def _exact_gauss_newton(lm, modules, examples):
+    """The dense Gauss-Newton matrix of the summed response loss over the tracked ``[W | b]``:
+    ``G = 1/N sum_i sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` (the true Fisher, with no sampling),
+    ``J_t = W_U dh_t/dtheta`` the logit Jacobian at response position t, built from ``d`` backward
+    passes through the final hidden state ``h_t`` (hidden size d, not vocabulary size V)."""
+    params = []
+    for module in modules.values():
+        params += [module.weight] + ([module.bias] if module.bias is not None else [])
+    unembed = lm.model.lm_head.weight.detach().double()  # [V, d]; Llama's head has no bias
+    total = None
+    for ex in examples:
+        batch = collate([ex], lm.pad_token_id)
+        positions = (batch["labels"][0, 1:] != -100).nonzero(as_tuple=True)[0]
+        hidden = lm.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state[0, :-1][positions]
+        probs = torch.softmax(hidden.detach().double() @ unembed.T, dim=-1)
+        for t in range(len(positions)):
+            jac_h = torch.stack([_flatten(modules, torch.autograd.grad(hidden[t, j], params, retain_graph=True))
+                                 for j in range(hidden.shape[1])]).double()  # [d, P]
+            curvature = torch.diag(probs[t]) - torch.outer(probs[t], probs[t])
+            term = jac_h.T @ (unembed.T @ curvature @ unembed) @ jac_h
+            total = term if total is None else total + term
+    return total / len(examples)
+
+
+def test_ekfac_influence_matches_exact_gauss_newton_inverse():
+    """EK-FAC IF (sampled Fisher, Kronfluence's damping 0.1 x mean eigenvalue per module) vs the exact
+    inverse of the dense damped Gauss-Newton matrix over block 1's attention [W | b] (288
+    parameters, 256 examples, 6 queries).
+
+    EK-FAC is block-diagonal by module, so it is compared with two exact inverses:
+    - the block-diagonal Gauss-Newton (the matrix EK-FAC approximates): measured Spearman per query
+      0.96-0.98;
+    - the full Gauss-Newton with its cross-module blocks: measured 0.69-0.86, where the exact
+      block-diagonal inverse itself reaches only 0.76-0.89 and gradient similarity (H = I) 0.47-0.76.
+      The gap is the block-diagonal approximation that every EK-FAC (Kronfluence's too) makes.
     """
-    world = make_world(n_train=32, n_queries=6, hidden=8, layers=2)
-    cfg = CurvatureConfig(fisher="empirical", kinds="attn", block_start=1, damping=10.0, batch_size=8)
+    world = make_world(n_train=256, n_queries=6, hidden=8, layers=2)
+    cfg = CurvatureConfig(fisher="sampled", kinds="attn", block_start=1, damping=0.1, batch_size=16)
     lm = world.lm
     factors = fit_factors(lm, world.train, cfg)
     modules = factors.tracked_modules(lm.model)
     assert len(modules) == 4 and all(m.bias is not None for m in modules.values())
-    ours = influence_function(lm, world.train, world.queries, factors, per_query=True)
+    ours = influence_function(lm, world.train, world.queries, factors, per_query=True).T
 
-    n = len(world.train)
-    train_grads = _flat_example_grads(lm, modules, world.train, lm_loss_fn(cfg), range(n))
-    query_grads = _flat_example_grads(lm, modules, world.queries, lambda m, b, i: response_losses(m, b),
-                                      range(len(world.queries)))
-    fisher_dense = train_grads.T @ train_grads / n
-    damp = []
+    gauss_newton = _exact_gauss_newton(lm, modules, world.train)
+    response_loss = lambda m, b, i: response_losses(m, b)  # noqa: E731
+    train_grads = _flat_example_grads(lm, modules, world.train, response_loss, range(len(world.train)))
+    query_grads = _flat_example_grads(lm, modules, world.queries, response_loss, range(len(world.queries)))
+    block_diagonal = torch.zeros_like(gauss_newton)
+    damping = torch.zeros(gauss_newton.shape[0], dtype=torch.float64)
     offset = 0
     for module in modules.values():
-        size = module.out_features * (module.in_features + 1)
-        lam = cfg.damping * float(torch.diagonal(fisher_dense)[offset: offset + size].mean())
-        damp.append(torch.full((size,), lam, dtype=torch.float64))
-        offset += size
-    assert offset == fisher_dense.shape[0]
-    exact = query_grads @ torch.linalg.solve(fisher_dense + torch.diag(torch.cat(damp)), train_grads.T)
-    similarity = query_grads @ train_grads.T
-    rho = [spearmanr(ours[:, q], exact[q].numpy()).statistic for q in range(len(world.queries))]
-    rho_sim = [spearmanr(similarity[q].numpy(), exact[q].numpy()).statistic for q in range(len(world.queries))]
-    assert np.mean(rho) >= 0.85 and min(rho) >= 0.75, rho
-    assert np.mean(rho) >= np.mean(rho_sim) + 0.3, (rho, rho_sim)
+        block = slice(offset, offset + module.out_features * (module.in_features + 1))
+        block_diagonal[block, block] = gauss_newton[block, block]
+        damping[block] = cfg.damping * float(torch.diagonal(gauss_newton)[block].mean())
+        offset = block.stop
+    assert offset == gauss_newton.shape[0]
+
+    def influence(matrix):
+        return (query_grads @ torch.linalg.solve(matrix + torch.diag(damping), train_grads.T)).numpy()
+
+    def rho(a, b):
+        return np.array([spearmanr(a[q], b[q]).statistic for q in range(len(world.queries))])
+
+    exact_block, exact_full = influence(block_diagonal), influence(gauss_newton)
+    vs_block = rho(ours, exact_block)
+    assert vs_block.min() >= 0.9, vs_block
+    vs_full = rho(ours, exact_full)
+    block_vs_full = rho(exact_block, exact_full)
+    similarity_vs_full = rho((query_grads @ train_grads.T).numpy(), exact_full)
+    assert vs_full.mean() >= block_vs_full.mean() - 0.1, (vs_full, block_vs_full)
+    assert vs_full.mean() >= similarity_vs_full.mean() + 0.15, (vs_full, similarity_vs_full)
 
 
 def test_fit_does_not_depend_on_batch_size(world, monkeypatch):
