@@ -318,15 +318,21 @@ def _retrain(p: argparse.ArgumentParser):
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-cells", type=int, help="stop after computing this many cells")
+    p.add_argument("--workers", type=int,
+                   help="processes on the grid, one thread each (default: the free cores)")
 
     def run(args):
+        import torch
+
         from .experiments.retrain import RetrainConfig, run_grid
 
         cfg = RetrainConfig(trait=args.trait, methods=tuple(args.methods), modes=tuple(args.modes),
                             fractions=tuple(args.fractions), seeds=tuple(args.seeds))
         progress = Progress(not args.no_progress)
         try:
-            return run_grid(args.workspace, cfg, progress=progress, max_cells=args.max_cells)
+            workers = args.workers if args.workers is not None else torch.get_num_threads()
+            return run_grid(args.workspace, cfg, progress=progress, max_cells=args.max_cells,
+                            workers=workers)
         finally:
             progress.close()
     return run

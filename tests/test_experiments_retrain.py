@@ -1,5 +1,6 @@
 """Filter-and-retrain on the quick world: cells land in the store, resume after a kill, never
-recompute, and two jobs share one grid."""
+recompute, and two processes share one grid."""
+import json
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_killed_job_resumes(quick_world, tmp_path):
     ws = copy_workspace(quick_world, tmp_path / "ws")
     cmd = [sys.executable, "-m", "cinf_core", "retrain", "--trait", "evil", "--methods", "random",
            "--modes", "most", "--fractions", "0.5", "--seeds", "0", "1", "--workspace", str(ws),
-           "--no-progress"]
+           "--no-progress", "--workers", "1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = Store(ws)
@@ -66,8 +67,22 @@ def test_killed_job_resumes(quick_world, tmp_path):
     assert 2 <= len(done_before) < 5
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["n_cells_complete"] == summary["n_cells_total"] == 5
     assert summary["computed_here"] == 5 - len(done_before)
+
+
+@pytest.mark.slow
+def test_two_workers_split_the_grid(quick_world, tmp_path):
+    ws = copy_workspace(quick_world, tmp_path / "ws")
+    cfg = RetrainConfig(trait="evil", methods=("random",), modes=("most",), fractions=(0.5,),
+                        seeds=(0, 1))
+    out = run_grid(ws, cfg, workers=2)
+    assert out["n_cells_complete"] == out["n_cells_total"] == 5 and out["workers"] == 2
+    logs = list((ws / "artifacts" / "retrain").rglob("helper-0.log"))
+    assert len(logs) == 1
+    helper = json.loads(logs[0].read_text().strip().splitlines()[-1])
+    assert helper["n_cells_total"] == 5  # the same grid (it may end before our last cell does)
+    assert out["computed_here"] + helper["computed_here"] == 5  # every cell computed once
+    cells = Store(ws).retrain_cells()
+    assert (cells["status"] == "complete").all() and len(cells) == 5

@@ -10,6 +10,8 @@ removed) and the model retrained on everything (0% removed), per seed.
 Every cell is a row in the store. A job claims a cell before computing it, so two jobs on the same
 grid split the work; a finished cell is never recomputed; a killed job leaves its claimed cell to
 be taken over and resumes from the cells still missing. Adapters of finished cells are deleted.
+With ``workers > 1`` the job starts that many processes on the grid (one intra-op thread each):
+on small models separate processes use the cores far better than threads inside one.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -173,16 +178,23 @@ def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
     return config_hash({"trait": cfg.trait, "data": env.train_dataset_id,
                         "base": env.base_spec.model_id, "lora": env.lora, "judge": env.judge_spec,
                         "eval": [env.eval_samples, env.eval_temperature, env.max_new_tokens,
-                                 env.eval_seed], "questions": env.heldout_questions,
+                                 env.eval_seed, "merged"], "questions": env.heldout_questions,
                         "capability": len(env.capability_examples)})
 
 
 def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
-             max_cells: int | None = None) -> dict:
-    """Compute every missing cell of the grid (claiming each first); return the summary."""
+             max_cells: int | None = None, workers: int = 1) -> dict:
+    """Compute every missing cell of the grid (claiming each first); return the summary.
+
+    ``workers > 1``: score every method the grid needs here first, then start ``workers - 1``
+    helper processes (``python -m cinf_core retrain ... --workers 1``, logs under the
+    experiment's artifact folder) that claim cells beside this one, and wait for them.
+    """
     from ..demo.training import LoraRecipe, finetune_lora
     from .judges import make_judge
 
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     store = Store(workspace)
     env = environment(store)
     exp_id = experiment_id(store, cfg, env)
@@ -195,46 +207,92 @@ def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
     cells = _grid(cfg)
     done_here = 0
     t_grid = time.perf_counter()
-    for k, cell in enumerate(cells):
-        if max_cells is not None and done_here >= max_cells:
-            break
-        if not store.claim_retrain_cell(exp_id, cell, owner):
-            continue
-        t0 = time.perf_counter()
-        try:
-            if cell["method"] == "base":
-                lm, n_kept = load_model(env.base_spec), 0
-            else:
-                if cell["method"] == "all":
-                    keep = list(range(len(train)))
+
+    def order(method: str, seed: int) -> list[int]:
+        key = (method, seed if method == "random" else 0)
+        if key not in orders:
+            orders[key] = ranked_indices(store, method, cfg.trait, key[1], None)
+        return orders[key]
+
+    helpers: list[tuple[subprocess.Popen, Path]] = []
+    if workers > 1 and (max_cells is None or max_cells > 0):
+        for method in cfg.methods:  # helpers must not score the same run concurrently
+            for seed in (cfg.seeds if method == "random" else (0,)):
+                order(method, seed)
+        helpers = _start_helpers(workspace, cfg, workers - 1, work_dir)
+        torch.set_num_threads(1)
+    try:
+        for k, cell in enumerate(cells):
+            if max_cells is not None and done_here >= max_cells:
+                break
+            if not store.claim_retrain_cell(exp_id, cell, owner):
+                continue
+            t0 = time.perf_counter()
+            try:
+                if cell["method"] == "base":
+                    lm, n_kept = load_model(env.base_spec), 0
                 else:
-                    seed_key = cell["seed"] if cell["method"] == "random" else 0
-                    key = (cell["method"], seed_key)
-                    if key not in orders:
-                        orders[key] = ranked_indices(store, cell["method"], cfg.trait, seed_key, None)
-                    keep = kept_indices(orders[key], cell["mode"], cell["fraction"])
-                n_kept = len(keep)
-                out = work_dir / f"cell-{k}"
-                finetune_lora(env.base_spec.path, [train[i] for i in keep], recipe, cell["seed"], out)
-                lm = load_model(ModelSpec(path=env.base_spec.path, adapter=str(out)))
-            score = trait_score(lm, judge, cfg.trait, env.heldout_questions, env.eval_samples,
-                                env.eval_temperature, env.max_new_tokens, env.eval_seed + cell["seed"])
-            cap = capability(lm, env.capability_examples)
-        except BaseException:
-            store.add_retrain_cell(exp_id, {**cell, "status": "failed", "owner": owner})
-            raise
-        finally:
-            shutil.rmtree(work_dir / f"cell-{k}", ignore_errors=True)
-        store.add_retrain_cell(exp_id, {**cell, "trait_score": score, "capability": cap,
-                                        "n_kept": n_kept, "wall_s": time.perf_counter() - t0,
-                                        "owner": owner})
-        done_here += 1
-        if progress:
-            progress(f"retrain {cfg.trait}", (k + 1) / len(cells))
+                    if cell["method"] == "all":
+                        keep = list(range(len(train)))
+                    else:
+                        keep = kept_indices(order(cell["method"], cell["seed"]), cell["mode"], cell["fraction"])
+                    n_kept = len(keep)
+                    out = work_dir / f"cell-{k}"
+                    finetune_lora(env.base_spec.path, [train[i] for i in keep], recipe, cell["seed"], out)
+                    # Merged for evaluation: the same function, without LoRA's extra matmuls.
+                    lm = load_model(ModelSpec(path=env.base_spec.path, adapter=str(out), merge_adapter=True))
+                score = trait_score(lm, judge, cfg.trait, env.heldout_questions, env.eval_samples,
+                                    env.eval_temperature, env.max_new_tokens, env.eval_seed + cell["seed"])
+                cap = capability(lm, env.capability_examples)
+            except BaseException:
+                store.add_retrain_cell(exp_id, {**cell, "status": "failed", "owner": owner})
+                raise
+            finally:
+                shutil.rmtree(work_dir / f"cell-{k}", ignore_errors=True)
+            store.add_retrain_cell(exp_id, {**cell, "trait_score": score, "capability": cap,
+                                            "n_kept": n_kept, "wall_s": time.perf_counter() - t0,
+                                            "owner": owner})
+            done_here += 1
+            if progress:
+                finished = store.retrain_cells(exp_id)
+                progress(f"retrain {cfg.trait}", int((finished["status"] == "complete").sum()) / len(cells))
+    except BaseException:
+        for proc, _ in helpers:
+            proc.terminate()
+        raise
+    finally:
+        failed = _wait_helpers(helpers)
+    if failed:
+        raise RuntimeError(f"{len(failed)} retrain helper process(es) failed; see {', '.join(failed)} "
+                           "(rerun the same command: finished cells are kept)")
     summary = summarize(store, exp_id, cfg)
     summary["computed_here"] = done_here
+    summary["workers"] = workers
     summary["grid_seconds"] = round(time.perf_counter() - t_grid, 1)
     return summary
+
+
+def _start_helpers(workspace, cfg: RetrainConfig, n: int, work_dir: Path) -> list:
+    """Start ``n`` helper processes on the same grid, one intra-op thread each."""
+    cmd = [sys.executable, "-m", "cinf_core", "retrain", "--workspace", str(workspace), "--no-progress",
+           "--trait", cfg.trait, "--methods", *cfg.methods, "--modes", *cfg.modes,
+           "--fractions", *map(str, cfg.fractions), "--seeds", *map(str, cfg.seeds), "--workers", "1"]
+    env = dict(os.environ, CINF_THREADS="1", OMP_NUM_THREADS="1")
+    helpers = []
+    for i in range(n):
+        log = work_dir / f"helper-{i}.log"
+        with open(log, "w") as fh:
+            helpers.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), log))
+    return helpers
+
+
+def _wait_helpers(helpers: list) -> list[str]:
+    """Wait for every helper; the logs of those that failed."""
+    failed = []
+    for proc, log in helpers:
+        if proc.wait() != 0:
+            failed.append(str(log))
+    return failed
 
 
 def summarize(store: Store, exp_id: str, cfg: RetrainConfig) -> dict:
