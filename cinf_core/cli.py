@@ -338,6 +338,26 @@ def _retrain(p: argparse.ArgumentParser):
     return run
 
 
+def _bench_distributed(args, bench_distributed) -> dict:
+    progress = Progress(not args.no_progress)
+    try:
+        result = bench_distributed(args.workspace, args.trait, tuple(args.methods), tuple(args.ranks),
+                                   args.batch_size, args.max_length, dataset=args.dataset,
+                                   progress=progress)
+    finally:
+        progress.close()
+    print(f"{'method':20s} {'launch':12s} {'wall s':>8s} {'speed-up':>9s}", file=sys.stderr)
+    for method, runs in result["runs"].items():
+        for key, run in runs.items():
+            up = result["speedup"].get(method, {}).get(f"{key}_over_1_rank", 1.0)
+            label = f"{run['world_size']} rank(s)" if key.startswith("ranks") else f"1 proc x{run['world_size']} thr"
+            print(f"{method:20s} {label:12s} {run['wall_s']:8.2f} {up:9.2f}", file=sys.stderr)
+    for method, model in result["scaling_model"].items():
+        pred = "  ".join(f"N={n}: {v['predicted_speedup']:.2f}x" for n, v in model["prediction"].items())
+        print(f"{method:20s} model {pred}", file=sys.stderr)
+    return result
+
+
 @command("features", "SAE feature data over the training set, and Figure 4 for scored runs")
 def _features(p: argparse.ArgumentParser):
     p.add_argument("--sae", help="SAE name or id (default: the newest)")
@@ -399,9 +419,18 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--no-kronfluence", action="store_true", help="skip the Kronfluence comparison")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: torchrun with 1..N ranks vs one process, and a scaling model")
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="world sizes (--distributed)")
+    p.add_argument("--methods", nargs="+", default=["vector_filter", "influence_function"],
+                   help="methods (--distributed)")
+    p.add_argument("--dataset", default="train", help="training set to score (--distributed)")
 
     def run(args):
-        from .methods.bench import bench
+        from .methods.bench import bench, bench_distributed
+
+        if args.distributed:
+            return _bench_distributed(args, bench_distributed)
 
         progress = Progress(not args.no_progress)
         try:

@@ -359,11 +359,14 @@ def collate(encoded: Sequence[EncodedExample], pad_token_id: int) -> dict[str, t
 
 
 def batches(
-    encoded: Sequence[EncodedExample], batch_size: int, pad_token_id: int
+    encoded: Sequence[EncodedExample], batch_size: int, pad_token_id: int,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield ``(indices, batch)`` in order; batch as :func:`collate`."""
+    """Yield ``(indices, batch)`` over ``encoded[indices]`` (all by default) in order; batch as
+    :func:`collate`, indices into ``encoded``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(encoded), batch_size):
-        idx = list(range(start, min(start + batch_size, len(encoded))))
+    order = list(range(len(encoded))) if indices is None else [int(i) for i in indices]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         yield idx, collate([encoded[i] for i in idx], pad_token_id)

@@ -86,3 +86,23 @@ def test_killed_rank_rerun_scores_only_missing_shard(quick_world, tmp_path):
     ref = score(single, ScoreConfig(method="vector_filter", trait="evil", batch_size=8))
     np.testing.assert_allclose(store.scores(p.run_id)["score"], Store(single).scores(ref["run_id"])["score"],
                                atol=1e-5)
+
+
+def test_bench_distributed_reports_speedup_and_scaling_model(quick_world, tmp_path):
+    from cinf_core.methods.bench import bench_distributed
+
+    ws = _small_workspace(quick_world, tmp_path / "ws", n=64)
+    out = bench_distributed(ws, "evil", methods=("influence_function",), world_sizes=(1, 2),
+                            batch_size=8, predict_for=(1, 2, 8), dataset="train-small")
+    runs = out["runs"]["influence_function"]
+    assert set(runs) == {"ranks_1", "ranks_2", "threads_2"}
+    assert runs["ranks_2"]["timings"]["world_size"] == 2 and runs["ranks_2"]["threads_per_rank"] == 1
+    assert all(r["wall_s"] > 0 for r in runs.values())
+    up = out["speedup"]["influence_function"]
+    assert up["ranks_2_over_1_rank"] == pytest.approx(runs["ranks_1"]["wall_s"] / runs["ranks_2"]["wall_s"])
+    model = out["scaling_model"]["influence_function"]
+    parts = model["parts"]
+    assert parts["per_example_work_s"] > 0 and parts["n_eigh_matrices"] > 0 and parts["allreduce_bytes"] > 0
+    pred = model["prediction"]
+    assert pred["1"]["predicted_speedup"] == 1.0
+    assert 1.0 < pred["2"]["predicted_speedup"] < pred["8"]["predicted_speedup"] < 8.0

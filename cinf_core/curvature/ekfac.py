@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -283,19 +284,23 @@ def fit_factors(
     cfg: CurvatureConfig,
     below_layer: int | None = None,
     progress: Progress = None,
+    comm=None,
 ) -> EKFACFactors:
     """Fit EK-FAC over ``select_modules(lm.model, cfg, below_layer)`` on ``examples``.
 
     ``lm``: a :class:`~cinf_core.models.LoadedModel` (uses ``model``, ``tokenizer``,
     ``pad_token_id``). ``examples``: ChatExamples / message lists (encoded with
-    ``cfg.max_length``) or :class:`~cinf_core.data.EncodedExample`.
+    ``cfg.max_length``) or :class:`~cinf_core.data.EncodedExample`. With ``comm`` (see
+    :func:`fit_ekfac`) each rank passes its contiguous share of ``examples`` and every rank
+    returns the factors of all of them.
     """
     encoded = as_encoded(lm.tokenizer, examples, cfg.max_length)
     check_examples(encoded, "training")
     modules = select_modules(lm.model, cfg, below_layer=below_layer)
+    mine = None if comm is None else np.array_split(np.arange(len(encoded)), comm.world)[comm.rank].tolist()
     factors, n_examples, n_tokens = fit_ekfac(
-        lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id), lm_loss_fn(cfg), progress
-    )
+        lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id, mine), lm_loss_fn(cfg),
+        progress, comm=comm)
     return EKFACFactors(config=cfg, modules=factors, n_examples=n_examples, n_tokens=n_tokens,
                         below_layer=below_layer)
 
@@ -318,12 +323,14 @@ def load_or_fit_factors(
     below_layer: int | None = None,
     model_id: str | None = None,
     progress: Progress = None,
+    comm=None,
 ) -> EKFACFactors:
     """Factors from ``cache_dir/<key>`` if fitted before, else fit and save them there.
 
     The key covers ``model_id`` (default ``lm.spec.model_id``), ``dataset_id``, the factor fields
     of ``cfg`` and the selected module names, so one fit serves every concept and query set.
     Damping and batch size are not in the key: a cached fit is reused with ``cfg``'s damping.
+    With ``comm`` the ranks fit together (:func:`fit_factors`) and rank 0 writes the cache.
     """
     if model_id is None:
         model_id = lm.spec.model_id
@@ -333,9 +340,12 @@ def load_or_fit_factors(
         factors = EKFACFactors.load(directory)
         factors.config = cfg
         return factors
-    factors = fit_factors(lm, examples, cfg, below_layer=below_layer, progress=progress)
+    factors = fit_factors(lm, examples, cfg, below_layer=below_layer, progress=progress, comm=comm)
     factors.model_id, factors.dataset_id = model_id, dataset_id
-    factors.save(directory)
+    if comm is None or comm.rank == 0:
+        factors.save(directory)
+    if comm is not None:
+        comm.barrier()
     return factors
 
 

@@ -23,7 +23,6 @@ import os
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from .. import paths
@@ -111,44 +110,6 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _distributed_fit(comm: Communicator, n_total: int):
-    """A drop-in for ``load_or_fit_factors`` that fits across ranks (cache read/written by rank 0)."""
-    from ..curvature.ekfac import EKFACFactors, factors_key, fit_ekfac, lm_loss_fn, FACTORS_META_FILE
-    from ..curvature.modules import select_modules
-
-    def fit(lm, encoded, cfg, cache_dir, dataset_id, below_layer=None, model_id=None, progress=None):
-        modules = select_modules(lm.model, cfg, below_layer=below_layer)
-        directory = cache_dir / factors_key(model_id, dataset_id, cfg, list(modules))
-        if (directory / FACTORS_META_FILE).exists():
-            factors = EKFACFactors.load(directory)
-            factors.config = cfg
-            return factors
-        mine = np.array_split(np.arange(n_total), comm.world)[comm.rank].tolist()
-
-        def make_batches():
-            for s in range(0, len(mine), cfg.batch_size):
-                idx = mine[s:s + cfg.batch_size]
-                yield idx, _collate(lm, [encoded[i] for i in idx])
-
-        module_factors, n_examples, n_tokens = fit_ekfac(lm.model, modules, make_batches,
-                                                         lm_loss_fn(cfg), progress, comm=comm)
-        factors = EKFACFactors(config=cfg, modules=module_factors, n_examples=n_examples,
-                               n_tokens=n_tokens, below_layer=below_layer)
-        factors.model_id, factors.dataset_id = model_id, dataset_id
-        if comm.rank == 0:
-            factors.save(directory)
-        comm.barrier()
-        return factors
-
-    return fit
-
-
-def _collate(lm, encoded):
-    from ..data import collate
-
-    return collate(encoded, lm.pad_token_id)
-
-
 def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_plan: ShardPlan,
             timings: dict, progress):
     """A function ``indices -> scores`` for the run's method, prepared collectively."""
@@ -159,6 +120,7 @@ def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_pla
         return lambda idx: forward.vector_filter(lm, encoded, p.concept, idx, cfg.batch_size)
     if cfg.method == "projection_difference":
         return _pd_scorer(store, p, lm, encoded, shard_plan, timings)
+    from ..curvature.ekfac import load_or_fit_factors
     from . import gradient
     from .gradient_runner import prepare
 
@@ -170,9 +132,9 @@ def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_pla
 
         t0 = time.perf_counter()
         below = p.concept.layer if cfg.method == "concept_influence" else None
-        _distributed_fit(comm, p.n_total)(
-            lm, encoded, curvature_config(cfg), paths.artifact_dir(store.workspace, paths.FACTORS_DIR),
-            p.dataset["dataset_id"], below_layer=below, model_id=p.model_row["model_id"])
+        load_or_fit_factors(lm, encoded, curvature_config(cfg),
+                            paths.artifact_dir(store.workspace, paths.FACTORS_DIR), p.dataset["dataset_id"],
+                            below_layer=below, model_id=p.model_row["model_id"], comm=comm)
         timings["fit_s"] = time.perf_counter() - t0
     if comm.rank == 0:
         prepared, t = prepare(store, cfg, lm, encoded, p.dataset, p.model_row, p.concept,
