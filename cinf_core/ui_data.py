@@ -546,3 +546,12 @@ def fmt_seconds(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def newest_with_role(table: pd.DataFrame, role: str) -> int:
+    """Row position of the newest row of ``table`` (oldest first, with a ``role`` column) whose role
+    is ``role``; the last row when none has it. The default choice of a form's picker."""
+    if table.empty:
+        return 0
+    hits = [i for i, r in enumerate(table["role"]) if r == role] if "role" in table else []
+    return hits[-1] if hits else len(table) - 1

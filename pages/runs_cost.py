@@ -30,10 +30,11 @@ def score_form() -> None:
         f1, f2, f3 = st.columns(3)
         method = f1.selectbox("Method", METHODS, format_func=ui_data.method_label)
         trait = f2.selectbox("Trait", traits) if traits else f2.text_input("Trait", "evil")
-        dataset = f3.selectbox("Training set", list(datasets["name"]))
+        dataset = f3.selectbox("Training set", list(datasets["name"]),
+                               index=ui_data.newest_with_role(datasets, "train"))
         f4, f5, f6 = st.columns(3)
         model = f4.selectbox("Model", list(models["name"]),
-                             index=max(0, len(models) - 1))
+                             index=ui_data.newest_with_role(models, "finetuned"))
         batch = f5.number_input("Batch size", min_value=1, value=16)
         max_len = f6.number_input("Max tokens per example", min_value=16, value=256, step=16)
         submitted = st.form_submit_button("Prepare scoring run")

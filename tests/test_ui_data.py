@@ -183,3 +183,11 @@ def test_demo_summary_text_and_seconds():
     assert "quick world" in text and "60 fine-tuning examples" in text and "2.5 min" in text
     assert ui_data.demo_summary_text(None) == ""
     assert ui_data.fmt_seconds(0.5) == "500 ms" and ui_data.fmt_seconds(None) == "—"
+
+
+def test_newest_with_role_picks_the_form_default():
+    table = pd.DataFrame({"name": ["pretrain", "train", "train-v2", "heldout"],
+                          "role": ["pretrain", "train", "train", "heldout"]})
+    assert ui_data.newest_with_role(table, "train") == 2
+    assert ui_data.newest_with_role(table, "missing") == 3
+    assert ui_data.newest_with_role(table.iloc[:0], "train") == 0
