@@ -7,12 +7,19 @@ measured in this one run; absolute times drift on a shared machine.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from .. import paths
+from ..curvature.ekfac import FACTORS_META_FILE, EKFACFactors
 from ..data import encode_dataset
 from ..store import Store
 from .forward import forward_throughput_batches
@@ -153,11 +160,6 @@ def bench_distributed(workspace, trait: str | None = None,
 def _launch(scratch: Path, method: str, trait: str, world: int, how: str, batch_size: int,
             max_length: int, dataset: str) -> dict:
     """One scoring job as a user runs it; wall time of the whole command and the run's timings."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     args = ["-m", "cinf_core", "score", "--method", method, "--trait", trait, "--workspace", str(scratch),
             "--batch-size", str(batch_size), "--max-length", str(max_length), "--dataset", dataset,
             "--no-progress"]
@@ -181,16 +183,12 @@ def _launch(scratch: Path, method: str, trait: str, world: int, how: str, batch_
 
 def _scaling_parts(scratch: Path, run: dict) -> dict:
     """The one-rank run split into fixed, eigendecomposition, per-example and all-reduce parts."""
-    import torch
-
     timings = run["timings"]
     ranks = timings.get("ranks") or [timings]
     t = ranks[0]
     eigh_s, allreduce_bytes, n_matrices = 0.0, 0, 0
     factors_dir = scratch / paths.ARTIFACTS_DIR / paths.FACTORS_DIR
     if factors_dir.exists():
-        from ..curvature.ekfac import FACTORS_META_FILE, EKFACFactors
-
         for meta in factors_dir.rglob(FACTORS_META_FILE):
             for f in EKFACFactors.load(meta.parent).modules.values():
                 for dim in (f.eigvecs_a.shape[0], f.eigvecs_s.shape[0]):

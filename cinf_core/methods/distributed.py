@@ -126,19 +126,20 @@ def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_pla
 
     # Every rank joins the EK-FAC fit (or loads it from the cache); rank 0 alone preconditions
     # the test-query gradient, which is then broadcast (module names and tensors only).
-    payload = None
+    payload = factors = None
     if cfg.method != "grad_sim":
         from .gradient_runner import curvature_config
 
         t0 = time.perf_counter()
         below = p.concept.layer if cfg.method == "concept_influence" else None
-        load_or_fit_factors(lm, encoded, curvature_config(cfg),
-                            paths.artifact_dir(store.workspace, paths.FACTORS_DIR), p.dataset["dataset_id"],
-                            below_layer=below, model_id=p.model_row["model_id"], comm=comm)
+        factors = load_or_fit_factors(lm, encoded, curvature_config(cfg),
+                                      paths.artifact_dir(store.workspace, paths.FACTORS_DIR),
+                                      p.dataset["dataset_id"], below_layer=below,
+                                      model_id=p.model_row["model_id"], comm=comm)
         timings["fit_s"] = time.perf_counter() - t0
     if comm.rank == 0:
         prepared, t = prepare(store, cfg, lm, encoded, p.dataset, p.model_row, p.concept,
-                              p.queries, None)  # factors come from the cache written above
+                              p.queries, fit=lambda *args, **kwargs: factors)  # the factors fitted above
         timings["queries_s"] = t["queries_s"]
         payload = (prepared.method, list(prepared.modules), prepared.queries, prepared.columns)
     method, names, queries, columns = comm.broadcast_object(payload)

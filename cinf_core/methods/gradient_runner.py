@@ -29,7 +29,8 @@ def prepare(store, cfg, lm, encoded: Sequence[EncodedExample], dataset: dict, mo
             concept, queries: list[dict], progress=None, fit=None) -> tuple[gradient.Prepared, dict]:
     """Fit/load factors and precondition the test-query gradient; returns it with timings.
 
-    ``fit`` replaces :func:`load_or_fit_factors` (the distributed runner all-reduces the factors).
+    ``fit`` replaces :func:`load_or_fit_factors` (the distributed runner hands over the factors
+    its ranks fitted together).
     """
     timings: dict[str, float] = {}
     ccfg = curvature_config(cfg)
