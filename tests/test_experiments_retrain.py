@@ -24,6 +24,8 @@ def test_kept_indices():
         RetrainConfig(trait="evil", fractions=(0.0,))
     with pytest.raises(ValueError, match="unknown method"):
         RetrainConfig(trait="evil", methods=("magic",))
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        run_grid("no-such-workspace", RetrainConfig(trait="evil"), workers=0)
 
 
 @pytest.mark.slow
