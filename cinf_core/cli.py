@@ -266,10 +266,21 @@ def _score(p: argparse.ArgumentParser):
         rank = int(os.environ.get("RANK", "0"))
         progress = Progress(not args.no_progress and rank == 0)
         try:
-            return score(args.workspace, cfg, progress=progress)
+            result = score(args.workspace, cfg, progress=progress)
         finally:
             progress.close()
+        _say_truncation(result.get("truncation"), cfg.max_length)
+        return result
     return run
+
+
+def _say_truncation(report: dict | None, max_length: int | None) -> None:
+    """One stderr line when ``--max-length`` trimmed training examples (the summary has counts)."""
+    if report and (report["n_prompt_trimmed"] or report["n_response_trimmed"]):
+        print(f"--max-length {max_length}: {report['n_prompt_trimmed']} of {report['n_examples']} "
+              f"examples lost prompt tokens from the left and {report['n_response_trimmed']} lost "
+              "response tokens from the right; raise --max-length to keep them whole",
+              file=sys.stderr)
 
 
 @command("merge", "load the finished shards of a distributed run into the store")

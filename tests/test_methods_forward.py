@@ -137,3 +137,21 @@ def test_runner_random_is_seeded_and_errors_are_clear(workspace):
         score(workspace, ScoreConfig(method="vector_filter", trait="sycophantic"))
     with pytest.raises(ValueError, match="unknown method"):
         ScoreConfig(method="magic")
+
+
+def test_run_summary_counts_truncated_examples(workspace, tiny_lm, capsys):
+    """A run with a short --max-length says how many examples lost tokens (and the CLI says it)."""
+    from cinf_core import cli
+
+    _, expect = encode_dataset(tiny_lm.tokenizer, _examples(), 12)
+    assert expect.n_prompt_trimmed > 0  # the budget really trims this fixture
+    rc = cli.main(["score", "--workspace", str(workspace), "--no-progress", "--method",
+                   "vector_filter", "--trait", "evil", "--max-length", "12"])
+    assert rc == 0
+    out = capsys.readouterr()
+    import json
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["truncation"] == expect.as_dict()
+    assert f"{expect.n_prompt_trimmed} of 12 examples lost prompt tokens" in out.err
+    whole = score(workspace, ScoreConfig(method="vector_filter", trait="evil"))
+    assert whole["truncation"]["n_prompt_trimmed"] == 0

@@ -203,8 +203,9 @@ def score_distributed(workspace, cfg: ScoreConfig, progress=None) -> dict:
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     examples = store.load_dataset(p.dataset["dataset_id"]).examples
-    encoded, _ = encode_dataset(lm.tokenizer, examples, cfg.max_length)
+    encoded, report = encode_dataset(lm.tokenizer, examples, cfg.max_length)
     timings["encode_s"] = time.perf_counter() - t
+    summary["truncation"] = report.as_dict()
     needs_all = cfg.method in GRADIENT_METHODS and bool(shard_plan.missing())
     scorer = _scorer(store, p, lm, encoded, comm, shard_plan, timings, progress) \
         if (mine or needs_all) else None

@@ -175,19 +175,23 @@ def score(workspace, cfg: ScoreConfig, progress: Progress = None) -> dict:
         info = store.run(handle.run_id)
         return {**summary, "cached": True, "wall_s": info["wall_s"],
                 "examples_per_s": info["examples_per_s"], "timings": info["timings"]}
+    encoding: dict[str, int] = {}
     try:
-        timings = _compute(store, handle, p, progress)
+        timings = _compute(store, handle, p, progress, encoding)
     except BaseException as err:
         handle.fail(f"{type(err).__name__}: {err}")
         raise
     wall = sum(v for k, v in timings.items() if k != "load_s")
     handle.complete(wall, timings)
     info = store.run(handle.run_id)
+    if encoding:
+        summary["truncation"] = encoding
     return {**summary, "cached": False, "wall_s": wall, "examples_per_s": info["examples_per_s"],
             "timings": timings}
 
 
-def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
+def _compute(store: Store, handle, p: RunPlan, progress: Progress, encoding: dict) -> dict:
+    """Score what the run still misses; ``encoding`` receives the truncation counts."""
     cfg, n = p.cfg, p.n_total
     timings: dict[str, float] = {}
     todo = sorted(set(range(n)) - handle.done_indices())
@@ -218,7 +222,7 @@ def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
             progress(f"score {cfg.method}", done / n)
 
     try:
-        _dispatch(store, p, timings, todo, stream, progress)
+        _dispatch(store, p, timings, todo, stream, progress, encoding)
     except BaseException:
         flush()  # keep what was scored before the failure; the rerun resumes after it
         raise
@@ -228,8 +232,10 @@ def _compute(store: Store, handle, p: RunPlan, progress: Progress) -> dict:
     return timings
 
 
-def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, progress) -> None:
-    """Compute the scores of ``todo`` with the run's method, handing them to ``stream``."""
+def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, progress,
+              encoding: dict) -> None:
+    """Compute the scores of ``todo`` with the run's method, handing them to ``stream``;
+    ``encoding`` receives how many training examples ``max_length`` trimmed."""
     cfg, dataset, model_row, concept, queries = p.cfg, p.dataset, p.model_row, p.concept, p.queries
     n = p.n_total
     if cfg.method == "random":
@@ -246,6 +252,7 @@ def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, 
     t = time.perf_counter()
     examples = store.load_dataset(dataset["dataset_id"]).examples
     encoded, report = encode_dataset(lm.tokenizer, examples, cfg.max_length)
+    encoding.update(report.as_dict())
     timings["encode_s"] = time.perf_counter() - t
 
     if cfg.method == "vector_filter":
