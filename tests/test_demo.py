@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -104,13 +103,30 @@ def test_quick_world_summary(quick_world):
 @pytest.mark.slow
 def test_quick_world_is_idempotent(quick_world):
     workspace, summary, _ = quick_world
-    t0 = time.time()
     again = build_world(workspace, quick=True, seed=0)
     assert again.pop("cached") is True
     assert again == summary
-    assert time.time() - t0 < 30  # generous: it only reads the marker
     with pytest.raises(ValueError, match="fresh --workspace"):
         build_world(workspace, quick=False, seed=0)
+
+
+def test_demo_command_on_a_built_world_prints_its_summary(quick_world, tmp_path, capsys):
+    """``python -m cinf_core demo`` on a world already built (here a copy in another folder)
+    returns at once with the summary's keys and the folder it was asked about."""
+    from conftest import copy_workspace
+
+    from cinf_core import cli
+
+    workspace, summary, _ = quick_world
+    copy = copy_workspace(workspace, tmp_path / "moved")
+    assert cli.main(["demo", "--quick", "--workspace", str(copy), "--no-progress"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["cached"] is True and last["workspace"] == str(copy.resolve())
+    for key in ("build_seconds", "judge_accuracy", "sae_fvu", "sae_dead_fraction"):
+        assert last[key] == summary[key]
+    assert set(last["trait_scores"]) == set(lx.TRAITS)
+    assert set(last["trait_scores"]["evil"]) >= {"base", "finetuned", "base_trait_prompt",
+                                                 "base_helpful_prompt"}
 
 
 @pytest.mark.slow

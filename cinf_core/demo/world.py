@@ -105,9 +105,9 @@ class WorldConfig:
     def quick_world(cls, seed: int = 0) -> "WorldConfig":
         """A small world for tests (<= 60 s): fewer rows and steps, a smaller model and SAE.
 
-        Still a world with traits (measured, seed 0: +18 evil / +36 sycophantic points from
-        fine-tuning; 51 / 85 under the trait system prompt vs 8 / 3 under the helpful one),
-        though its persona vectors filter poorly at the middle layer.
+        A weak world, for plumbing only (measured, seed 0: +11.6 evil / +17.9 sycophantic points
+        from fine-tuning; 16 / 74 under the trait system prompt vs 8 / 3 under the helpful one;
+        its evil persona vector filters at random level). Built in 36 s on 2 cores.
         """
         return cls(
             seed=seed, quick=True, corpus=CorpusConfig(seed=seed),
@@ -451,7 +451,7 @@ def build_world(workspace: str | os.PathLike | None = None, quick: bool = False,
                 f"(quick={built.get('quick')}, seed={built.get('seed')}); build this one in a "
                 "fresh --workspace"
             )
-        return {**marker["summary"], "cached": True}
+        return {**marker["summary"], "workspace": str(ws), "cached": True}
 
     threads = torch_threads(cfg.threads)
     previous = torch.get_num_threads()
