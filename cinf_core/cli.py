@@ -185,6 +185,30 @@ def _add_model(p: argparse.ArgumentParser):
     return run
 
 
+@command("set-judge", "set the workspace's trait judge: an OpenAI-compatible LLM or a saved classifier")
+def _set_judge(p: argparse.ArgumentParser):
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint root, e.g. https://api.openai.com/v1 "
+                                      "(default: $CINF_JUDGE_BASE_URL when the judge runs)")
+    p.add_argument("--model", help="judge model name (default: $CINF_JUDGE_MODEL when the judge runs)")
+    p.add_argument("--api-key-env", default="CINF_JUDGE_API_KEY",
+                   help="environment variable that holds the API key (the key is never stored)")
+    p.add_argument("--classifier", help="folder of a saved ClassifierJudge instead of an LLM")
+
+    def run(args):
+        from .experiments.judges import make_judge
+        from .store import Store
+
+        if args.classifier:
+            spec = {"kind": "classifier", "path": str(Path(args.classifier).resolve())}
+        else:
+            spec = {"kind": "openai", "api_key_env": args.api_key_env}
+            spec.update({k: v for k, v in (("base_url", args.base_url), ("model", args.model)) if v})
+        make_judge(spec)  # refuses a missing folder, endpoint or model before anything is stored
+        Store(args.workspace).set_meta("judge", spec)
+        return {"judge": spec}
+    return run
+
+
 @command("datasets", "list the datasets in the workspace")
 def _datasets(p: argparse.ArgumentParser):
     def run(args):

@@ -46,3 +46,32 @@ def test_add_model_check(tiny_model_dir, tmp_path, capsys):
 def test_export_unknown_run(tmp_path, capsys):
     assert main(["export", "nope", str(tmp_path / "x.csv"), "--workspace", str(tmp_path)]) == 2
     assert "no run 'nope'" in _last_json(capsys)["error"]
+
+
+def test_app_serves_on_loopback_by_default(tmp_path, monkeypatch, capsys):
+    from cinf_core import cli
+
+    assert cli.build_parser().parse_args(["app"]).address == "127.0.0.1"
+    launched = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: launched.append(cmd) or 0)
+    assert main(["app", "--no-demo", "--workspace", str(tmp_path)]) == 0  # no server starts
+    cmd = launched[0]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert "http://127.0.0.1:8501" in capsys.readouterr().err
+
+
+def test_set_judge_stores_a_spec_without_the_key(tmp_path, capsys, monkeypatch):
+    from cinf_core.store import Store
+
+    ws = str(tmp_path / "ws")
+    monkeypatch.delenv("CINF_JUDGE_BASE_URL", raising=False)
+    monkeypatch.delenv("CINF_JUDGE_MODEL", raising=False)
+    assert main(["set-judge", "--workspace", ws, "--model", "gpt-4.1-mini"]) != 0
+    assert "no judge endpoint" in _last_json(capsys)["error"]
+    assert Store(ws).get_meta("judge") is None  # nothing stored on a refusal
+    assert main(["set-judge", "--workspace", ws, "--base-url", "http://127.0.0.1:9/v1",
+                 "--model", "gpt-4.1-mini", "--api-key-env", "MY_KEY"]) == 0
+    assert Store(ws).get_meta("judge") == {"kind": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                           "model": "gpt-4.1-mini", "api_key_env": "MY_KEY"}
+    assert main(["set-judge", "--workspace", ws, "--classifier", str(tmp_path / "nope")]) != 0
+    assert "nope" in _last_json(capsys)["error"]
