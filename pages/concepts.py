@@ -120,14 +120,18 @@ with tab_probe:
         name = st.text_input("Concept name", "probe-evil")
         dataset = st.selectbox("Labelled dataset",
                                list(datasets["name"]) if not datasets.empty else [])
-        positive = st.text_input("Positive label (data_origin)", "evil")
+        column = st.text_input("Label column", "data_origin",
+                               help="Any field of the dataset's rows that holds the labels.")
+        positive = st.text_input("Positive label", "evil",
+                                 help="Rows with this value are positives; every other label is "
+                                      "a negative.")
         model = st.selectbox("Model", model_options, key="probe:model")
         layer = st.number_input("Layer", min_value=0, value=2, step=1, key="probe:layer")
         submitted = st.form_submit_button("Train probe")
     if submitted:
         st.session_state["concept:probe:args"] = {"name": name, "dataset": dataset,
                                                   "positive_label": positive, "model": model,
-                                                  "layer": int(layer)}
+                                                  "layer": int(layer), "label_column": column}
     args = st.session_state.get("concept:probe:args")
     if args:
         sh.job_launcher("concept:probe", f"Start: probe '{args['name']}'", "probe", args)

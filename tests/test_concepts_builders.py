@@ -272,3 +272,23 @@ def test_make_probe_job_uses_dataset_labels(lm, tmp_path):
     assert proj[:12].mean() > proj[12:].mean()
     with pytest.raises(ValueError, match=r"labels \(data_origin\) are \['evil', 'normal'\]"):
         make_probe(tmp_path, "p", "labelled", "sycophantic", "tiny", 1)
+    with pytest.raises(ValueError, match=r"no column 'tone'; its columns are \['data_origin'\]"):
+        make_probe(tmp_path, "p", "labelled", "evil", "tiny", 1, label_column="tone")
+
+
+def test_make_probe_reads_any_label_column(lm, tmp_path):
+    from cinf_core.concepts.builders import make_probe
+    from cinf_core.data import ChatDataset, ChatExample
+    from cinf_core.store import Store
+
+    rows = [(s, "harsh") for s in _sentences(EVIL_WORDS, 12, 7)] + \
+           [(s, "gentle") for s in _sentences(KIND_WORDS, 12, 8)]
+    dataset = ChatDataset([ChatExample(messages=[{"role": "user", "content": "Tell me."},
+                                                 {"role": "assistant", "content": text}],
+                                       metadata={"tone": label}) for text, label in rows])
+    store = Store(tmp_path)
+    store.add_model("tiny", lm.spec)
+    store.add_dataset("toned", dataset)
+    result = make_probe(tmp_path, "probe-harsh", "toned", "harsh", "tiny", 1, label_column="tone")
+    assert result["n_pos"] == 12 and result["n_neg"] == 12 and result["test_accuracy"] >= 0.8
+    assert store.load_concept(result["concept_id"]).info["label_column"] == "tone"

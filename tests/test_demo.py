@@ -200,3 +200,22 @@ def test_world_config_presets_differ_and_hash_stably():
     assert WorldConfig.full().digest == WorldConfig.full().digest
     assert WorldConfig.full().digest != WorldConfig.quick_world().digest
     assert WorldConfig.full(seed=1).corpus.seed == 1
+
+
+@pytest.mark.slow
+def test_probe_on_the_demo_world_separates_trait_data(quick_world, tmp_path):
+    """A linear probe on the fine-tuning set's trait labels (held-out accuracy, issue #5).
+
+    Measured on the quick world (seed 0, 200 per class): evil 0.92, sycophantic 0.99; on the full
+    world (layer 2, 500 per class): 0.992 and 1.000. The bar leaves room for the quick world's
+    float noise across machines."""
+    from conftest import copy_workspace
+
+    from cinf_core.concepts.builders import make_probe
+
+    workspace, summary, _ = quick_world
+    ws = copy_workspace(workspace, tmp_path / "ws")
+    for trait in lx.TRAITS:
+        result = make_probe(ws, f"probe-{trait}", "train", trait, "finetuned",
+                            summary["concept_layer"], max_per_class=200)
+        assert result["n_pos"] == 200 and result["test_accuracy"] >= 0.85, result

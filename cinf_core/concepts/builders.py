@@ -287,12 +287,14 @@ def make_probe(
     test_fraction: float = 0.25,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
+    label_column: str = "data_origin",
 ) -> dict[str, Any]:
     """Job: train a linear probe on a registered labelled dataset and save it as a concept.
 
-    Positives are examples whose ``data_origin`` is ``positive_label``; negatives those labelled
-    ``negative_label`` (default: every other label). Each class is subsampled to
-    ``max_per_class`` (seeded). Returns a JSON-ready summary with held-out accuracy.
+    Positives are examples whose ``label_column`` (any metadata field of the rows; default
+    ``data_origin``) equals ``positive_label``; negatives those labelled ``negative_label``
+    (default: every other label). Each class is subsampled to ``max_per_class`` (seeded).
+    Returns a JSON-ready summary with held-out accuracy.
     """
     from ..models import load_model
     from ..store import Store
@@ -300,14 +302,20 @@ def make_probe(
     store = Store(workspace)
     row = store.get_model(model)
     examples = store.load_dataset(dataset).examples
-    labels = sorted({str(ex.label) for ex in examples if ex.label is not None})
-    pos = [ex for ex in examples if ex.label == positive_label]
-    neg = [ex for ex in examples if ex.label is not None and ex.label != positive_label
-           and (negative_label is None or ex.label == negative_label)]
+    values = [ex.metadata.get(label_column) for ex in examples]
+    values = [None if v is None else str(v) for v in values]
+    labels = sorted({v for v in values if v is not None})
+    if not labels:
+        columns = sorted({k for ex in examples for k in ex.metadata})
+        raise ValueError(f"dataset {dataset!r} has no column {label_column!r}; its columns are "
+                         f"{columns}: pick the one that holds the labels")
+    pos = [ex for ex, v in zip(examples, values) if v == positive_label]
+    neg = [ex for ex, v in zip(examples, values) if v is not None and v != positive_label
+           and (negative_label is None or v == negative_label)]
     if not pos or not neg:
         raise ValueError(
             f"dataset {dataset!r} has {len(pos)} examples labelled {positive_label!r} and "
-            f"{len(neg)} negatives; its labels (data_origin) are {labels}: pick a positive label "
+            f"{len(neg)} negatives; its labels ({label_column}) are {labels}: pick a positive label "
             "from them, and a dataset with at least one other label"
         )
     rng = random.Random(seed)
@@ -321,7 +329,7 @@ def make_probe(
     concept, info = linear_probe(lm, pos, neg, layer, test_fraction=test_fraction, seed=seed,
                                  name=name)
     concept.info.update(trait=positive_label, source="linear_probe", dataset=dataset,
-                        model=row["name"], negative_label=negative_label)
+                        model=row["name"], negative_label=negative_label, label_column=label_column)
     concept_id = store.save_concept(concept, row["model_id"])
     if progress is not None:
         progress("probe: activations and fit", 1.0)
