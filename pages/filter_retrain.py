@@ -82,6 +82,8 @@ refs = ui_data.reference_levels(done, value)
 y_title = "trait score (judge, 0–100)" if value == "trait_score" else "capability (accuracy, %)"
 fig = make_subplots(rows=1, cols=2, subplot_titles=list(MODES.values()), shared_yaxes=True)
 methods = sorted(curves["method"].unique(), key=ui_data.method_sort_key)
+if methods:
+    sh.method_explainer(methods)
 for col, mode in enumerate(MODES, start=1):
     for method in methods:
         curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]

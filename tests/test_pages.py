@@ -197,6 +197,8 @@ def test_method_agreement_toggles_and_pairs(monkeypatch, workspace):
 def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
     at = open_page(monkeypatch, workspace, "pages/filter_retrain.py")
     assert len(at.get("plotly_chart")) == 2
+    assert at.get("latex"), "the methods drawn are explained with their formulas"
+    assert any("Concept Influence" in m.value for m in at.markdown)
     at.radio(key="fr:value").set_value("capability").run()
     assert not at.exception
     submit = [b for b in at.button if b.label == "Prepare experiment"][0]
@@ -236,10 +238,9 @@ def test_scoring_job_from_the_page_reports_its_outcome(monkeypatch, workspace):
 @pytest.mark.slow
 def test_benchmark_100k_examples(tmp_path, capsys):
     """Page load on a 100k-example run (printed, not asserted: timings depend on the machine)."""
-    from workspace_fixture import benchmark_pages
+    from workspace_fixture import BENCH_VIEWS, benchmark_pages, format_benchmark
 
     timings = benchmark_pages(tmp_path)
+    assert list(timings) == [name for name, _, _ in BENCH_VIEWS]
     with capsys.disabled():
-        print("\npage load with 100k scored examples (cold / fresh / cached):")
-        for page, (cold, fresh, cached) in timings.items():
-            print(f"  {page:40s} {cold:6.2f} s / {fresh:6.2f} s / {cached:6.2f} s")
+        print("\n" + format_benchmark(timings))
