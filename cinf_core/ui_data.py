@@ -21,18 +21,20 @@ from . import paths
 # ---------------------------------------------------------------- methods: names, colours, formulas
 
 METHOD_ORDER = ["concept_influence", "influence_function", "vector_filter",
-                "projection_difference", "grad_sim", "random"]
+                "projection_difference", "grad_sim", "lexical", "random"]
 METHOD_LABELS = {
     "concept_influence": "Concept Influence",
     "influence_function": "Influence Function",
     "vector_filter": "Vector Filter",
     "projection_difference": "Projection Difference",
     "grad_sim": "Gradient similarity",
+    "lexical": "Lexical (TF-IDF)",
     "random": "Random",
 }
 METHOD_SHORT = {
     "concept_influence": "CI", "influence_function": "IF", "vector_filter": "VF",
-    "projection_difference": "PD", "grad_sim": "GS", "random": "Random",
+    "projection_difference": "PD", "grad_sim": "GS", "lexical": "Lex",
+    "random": "Random",
 }
 # One colour per method for every chart in the app (colour-blind-safe Okabe-Ito palette).
 METHOD_COLORS = {
@@ -41,10 +43,17 @@ METHOD_COLORS = {
     "vector_filter": "#009E73",
     "projection_difference": "#CC79A7",
     "grad_sim": "#E69F00",
+    "lexical": "#56B4E9",
     "random": "#7F7F7F",
 }
-_EXTRA_COLORS = ["#56B4E9", "#F0E442", "#000000", "#8C564B", "#17BECF", "#BCBD22"]
-LABEL_COLORS = {"trait": "#D55E00", "other": "#56B4E9"}
+_EXTRA_COLORS = ["#F0E442", "#000000", "#8C564B", "#17BECF", "#BCBD22"]
+# Data labels (data_origin) get their own palette, sharing no colour with the methods' (nor with
+# the theme's primary colour), so "from evil data" never reads as a method. The trait label is a
+# deep crimson, normal-looking labels a neutral grey-blue, any other label a colour from Paul Tol's
+# colour-blind-safe muted scheme.
+LABEL_COLORS = {"trait": "#B2182B", "other": "#8DA0B8"}
+_NORMAL_LABEL_COLORS = ["#8DA0B8", "#5E7690", "#C3CDDA"]
+_OTHER_LABEL_COLORS = ["#332288", "#DDCC77", "#882255", "#44AA99", "#999933", "#AA4499"]
 
 METHOD_FORMULAS = {
     "influence_function": (r"\mathrm{IF}(z_i) = \nabla_\theta L_{\text{test}}^\top\,"
@@ -55,7 +64,9 @@ METHOD_FORMULAS = {
     "projection_difference": (r"\mathrm{PD}(z_i) = \big[\bar a_l(x_i, y_i) - "
                               r"\bar a_l(x_i, y'_i)\big]\cdot\hat v"),
     "grad_sim": r"\mathrm{GS}(z_i) = \nabla_\theta L_{\text{test}}^\top\,\nabla_\theta L(z_i)",
-    "random": r"s_i \sim \mathcal{U}(0, 1)",
+    "lexical": (r"\mathrm{Lex}(z_i) = \cos\big(\mathrm{tfidf}(y_i),\ "
+                r"\tfrac{1}{Q}\textstyle\sum_q \mathrm{tfidf}(y_q)\big)"),
+    "random": r"s_i \sim \mathcal{N}(0, 1)",
 }
 METHOD_EXPLANATIONS = {
     "influence_function": "How much upweighting the example lowers the loss on the test queries "
@@ -70,7 +81,10 @@ METHOD_EXPLANATIONS = {
     "projection_difference": "How much more the training response expresses the concept than the "
                              "model's own response y' to the same prompt. Forward passes only.",
     "grad_sim": "Influence function with H = I: the dot product of test and training gradients.",
-    "random": "A random score per example: the baseline every method must beat.",
+    "lexical": "Bag-of-words baseline: TF-IDF similarity of the training response to the test "
+               "queries' responses. No model. If it retrieves the trait data as well as a method, "
+               "the trait is in the words themselves.",
+    "random": "A seeded random score per example: the baseline every method must beat.",
 }
 SIGN_CONVENTION = ("score > 0 means upweighting the example in training pushes the behaviour up; "
                    "rank 1 is the highest score; Remove Most drops the top.")
@@ -119,15 +133,18 @@ def guess_trait_label(labels: Iterable[str | None]) -> str | None:
 
 
 def label_colors(labels: Iterable[str], trait_label: str | None = None) -> dict[str, str]:
-    """Trait label in the trait colour, every other label in a calm palette."""
-    others = ["#56B4E9", "#009E73", "#F0E442", "#999999", "#CC79A7", "#0072B2"]
-    out, k = {}, 0
+    """Trait label in the trait colour, normal-looking labels (normal, unlabelled, ...) in grey-blue,
+    every other label in a calm palette; none of them is a method's colour."""
+    out, k_normal, k_other = {}, 0, 0
     for label in sorted({str(x) for x in labels}):
         if label == trait_label:
             out[label] = LABEL_COLORS["trait"]
+        elif label.lower() in _NEGATIVE_LABELS:
+            out[label] = _NORMAL_LABEL_COLORS[k_normal % len(_NORMAL_LABEL_COLORS)]
+            k_normal += 1
         else:
-            out[label] = others[k % len(others)]
-            k += 1
+            out[label] = _OTHER_LABEL_COLORS[k_other % len(_OTHER_LABEL_COLORS)]
+            k_other += 1
     return out
 
 
@@ -555,3 +572,53 @@ def newest_with_role(table: pd.DataFrame, role: str) -> int:
         return 0
     hits = [i for i, r in enumerate(table["role"]) if r == role] if "role" in table else []
     return hits[-1] if hits else len(table) - 1
+
+
+# ---------------------------------------------------------------- SAE feature search
+
+def feature_trait_share(top: pd.DataFrame, trait_label: str | None) -> float:
+    """Share of the top features' influence from ``trait_label`` data, as the CLI reports it
+    (``concepts.features.trait_share``: Σ_j F_j^trait / Σ_j Σ_g |F_j^g|).
+
+    ``top``: long ``feature, grp, influence`` rows of the shown features (``feature_influence``).
+    NaN when the trait group is absent or every influence is zero.
+    """
+    from .concepts.features import trait_share
+
+    if top is None or top.empty or trait_label is None:
+        return float("nan")
+    wide = top.pivot_table(index="feature", columns="grp", values="influence", aggfunc="sum",
+                           fill_value=0.0)
+    wide.columns = [str(c) for c in wide.columns]
+    return trait_share(wide.reset_index(), str(trait_label))
+
+
+def sae_direction_choices(concepts: pd.DataFrame, layer: int) -> pd.DataFrame:
+    """Direction concepts (persona vectors, probes, uploaded vectors) usable at an SAE's ``layer``:
+    those built at that layer, then persona vectors of other layers (they store every layer).
+
+    Returns ``concept_id, name, kind, layer, choice`` (``choice`` is the picker's text).
+    """
+    cols = ["concept_id", "name", "kind", "layer", "choice"]
+    if concepts is None or concepts.empty:
+        return pd.DataFrame(columns=cols)
+    directions = concepts[concepts["kind"] != "sae_feature"]
+    at_layer = directions["layer"] == layer
+    other = directions[~at_layer & (directions["kind"] == "persona_vector")]
+    out = pd.concat([directions[at_layer], other], ignore_index=True)
+    out = out.assign(choice=[f"{r.name} ({r.kind.replace('_', ' ')}, layer {r.layer})"
+                             if r.layer == layer else
+                             f"{r.name} ({r.kind.replace('_', ' ')}, its layer-{layer} row)"
+                             for r in out.itertuples()])
+    return out[cols].reset_index(drop=True)
+
+
+def feature_hits(hits: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+    """Search hits (``feature`` + score columns, in order) with each feature's ``label`` and
+    ``density`` from the SAE's feature data (NaN where it has none yet)."""
+    info = (features[["feature", "label", "density"]] if features is not None
+            and not features.empty else pd.DataFrame(columns=["feature", "label", "density"]))
+    info = info.astype({"feature": "int64"})
+    out = hits.astype({"feature": "int64"}).merge(info, on="feature", how="left")
+    scores = [c for c in hits.columns if c != "feature"]
+    return out[["feature", "label", *scores, "density"]].reset_index(drop=True)

@@ -16,8 +16,8 @@ from conftest import copy_workspace
 pytestmark = pytest.mark.slow
 
 DRIVER = Path(__file__).resolve().parent / "distributed_driver.py"
-METHODS = ["vector_filter", "projection_difference", "random", "grad_sim", "influence_function",
-           "concept_influence"]
+METHODS = ["vector_filter", "projection_difference", "random", "lexical", "grad_sim",
+           "influence_function", "concept_influence"]
 
 
 def _torchrun(args, timeout=900):

@@ -26,6 +26,23 @@ def test_guess_trait_label_skips_normal_and_prefers_minority():
     assert colors["evil"] == ui_data.LABEL_COLORS["trait"] and colors["normal"] != colors["evil"]
 
 
+def test_label_colours_share_no_colour_with_methods_or_theme():
+    import tomllib
+    from pathlib import Path
+
+    labels = ["evil", "normal", "unlabelled", "sycophantic", "a", "b", "c", "d", "e", "f", "g"]
+    label_hex = set(ui_data.label_colors(labels, "evil").values())
+    label_hex |= set(ui_data.label_colors(labels).values()) | set(ui_data.LABEL_COLORS.values())
+    method_hex = set(ui_data.METHOD_COLORS.values()) | set(ui_data._EXTRA_COLORS)
+    theme = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit/config.toml")
+                          .read_text())["theme"]
+    method_hex.add(theme["primaryColor"])
+    assert not {c.upper() for c in label_hex} & {c.upper() for c in method_hex}
+    colors = ui_data.label_colors(["normal", "evil", "sycophantic"], "evil")
+    assert colors["normal"] == ui_data.LABEL_COLORS["other"]  # normal data: neutral grey-blue
+    assert len(set(colors.values())) == 3
+
+
 def test_label_mix_reads_json_counts():
     ds = pd.DataFrame({"name": ["a"], "label_counts": [json.dumps({"evil": 2, "normal": 3})]})
     mix = ui_data.label_mix(ds)

@@ -29,7 +29,8 @@ from .. import paths
 from ..data import encode_dataset
 from ..store import Store
 from . import forward
-from .runner import GRADIENT_METHODS, RunPlan, ScoreConfig, cached_model, generation_key, plan
+from .runner import (GRADIENT_METHODS, RunPlan, ScoreConfig, cached_model, generation_key,
+                     lexical_run_scores, plan)
 from .shards import ShardPlan
 
 
@@ -116,6 +117,9 @@ def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_pla
     cfg = p.cfg
     if cfg.method == "random":
         return lambda idx: forward.random_scores(p.n_total, cfg.seed, idx)
+    if cfg.method == "lexical":
+        values = lexical_run_scores(store, p)
+        return lambda idx: values[list(idx)]
     if cfg.method == "vector_filter":
         return lambda idx: forward.vector_filter(lm, encoded, p.concept, idx, cfg.batch_size)
     if cfg.method == "projection_difference":

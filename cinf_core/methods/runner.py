@@ -21,9 +21,9 @@ from . import forward
 FORWARD_METHODS = ("vector_filter", "projection_difference", "random")
 GRADIENT_METHODS = ("influence_function", "concept_influence", "grad_sim")
 METHODS = ("influence_function", "concept_influence", "vector_filter", "projection_difference",
-           "grad_sim", "random")
+           "grad_sim", "lexical", "random")
 NEEDS_CONCEPT = ("concept_influence", "vector_filter", "projection_difference")
-NEEDS_QUERIES = ("influence_function", "concept_influence", "grad_sim")
+NEEDS_QUERIES = ("influence_function", "concept_influence", "grad_sim", "lexical")
 
 Progress = Callable[[str, float], None] | None
 FLUSH_S = 5.0
@@ -148,6 +148,8 @@ def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
         run_config["generator_id"] = store.get_model(cfg.generator)["model_id"]
     if cfg.method not in GRADIENT_METHODS:
         run_config.pop("curvature")
+    if cfg.method == "lexical":
+        run_config.pop("max_length")  # words, not tokens
     if queries:
         run_config["queries"] = config_hash([q["messages"] for q in queries])
     if concept is not None:
@@ -232,6 +234,15 @@ def _compute(store: Store, handle, p: RunPlan, progress: Progress, encoding: dic
     return timings
 
 
+def lexical_run_scores(store: Store, p: RunPlan) -> np.ndarray:
+    """The lexical baseline over the run's whole training set (it is cheap; no model)."""
+    from . import lexical  # scipy.sparse: imported only when used (pages import this module)
+
+    examples = store.load_dataset(p.dataset["dataset_id"]).examples
+    return lexical.lexical_scores([ex.response for ex in examples],
+                                  [q["messages"][-1]["content"] for q in p.queries])
+
+
 def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, progress,
               encoding: dict) -> None:
     """Compute the scores of ``todo`` with the run's method, handing them to ``stream``;
@@ -243,6 +254,14 @@ def _dispatch(store: Store, p: RunPlan, timings: dict, todo: list[int], stream, 
         for s in range(0, len(todo), 4096):
             chunk = todo[s:s + 4096]
             stream(chunk, forward.random_scores(n, cfg.seed, chunk))
+        timings["score_s"] = time.perf_counter() - t
+        return
+    if cfg.method == "lexical":
+        t = time.perf_counter()
+        values = lexical_run_scores(store, p)
+        for s in range(0, len(todo), 4096):
+            chunk = todo[s:s + 4096]
+            stream(chunk, values[chunk])
         timings["score_s"] = time.perf_counter() - t
         return
 
