@@ -1,4 +1,8 @@
 """SAE features (Figure 4): which SAE features carry a trait's influence, under IF and under CI."""
+import json
+import math
+
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -6,6 +10,7 @@ from cinf_core import ui_data
 from pages import _shared as sh
 
 FIG4_METHODS = ("influence_function", "concept_influence")
+HIGHLIGHT_EXAMPLES = 5  # top examples highlighted token by token (one forward pass each)
 
 sh.header("SAE features", "Figure 4: the SAE features through which the training data drives "
           "the trait — Influence Function beside Concept Influence.")
@@ -56,6 +61,58 @@ def feature_name(j: int) -> str:
     return f"#{j} · {label[:28]}" if isinstance(label, str) and label else f"#{j}"
 
 
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=2)
+def _load_sae(ws: str, sae_id: str):
+    """The registered SAE and the layer it reads (one shared copy)."""
+    from cinf_core.concepts.features import load_registered_sae
+
+    return load_registered_sae(ws, sae_id)
+
+
+@st.cache_resource(show_spinner="Loading the model the SAE reads…", max_entries=2)
+def _load_lm(spec_json: str):
+    from cinf_core.models import ModelSpec, load_model
+
+    return load_model(ModelSpec.from_dict(json.loads(spec_json)))
+
+
+def _sae_lm(ws: str, sae_id: str):
+    """``(model, sae, layer)``: the model the SAE was trained on, and the SAE."""
+    from cinf_core.concepts.features import sae_model_spec
+
+    sae_obj, layer = _load_sae(ws, sae_id)
+    return _load_lm(json.dumps(sae_model_spec(ws, sae_id).to_dict())), sae_obj, layer
+
+
+@st.cache_data(show_spinner="Running the model on the phrase…", max_entries=64)
+def _phrase_features(ws: str, sae_id: str, text: str, k: int):
+    """The phrase's tokens, its top features ``[(feature, activation)]`` and their per-token
+    activations ``[n_tokens][k]`` (model forward to the SAE's layer, then the SAE)."""
+    from cinf_core.concepts.sae import features_for_phrase
+
+    lm, sae_obj, layer = _sae_lm(ws, sae_id)
+    found = features_for_phrase(lm, sae_obj, text, k=k, layer=layer)
+    return found.tokens, found.features, found.token_acts.tolist()
+
+
+@st.cache_data(show_spinner="Comparing decoder rows with the concept…", max_entries=64)
+def _direction_features(ws: str, sae_id: str, concept_id: str, k: int):
+    from cinf_core.concepts.features import features_by_concept
+
+    sae_obj, layer = _load_sae(ws, sae_id)
+    return features_by_concept(ws, sae_obj, concept_id, k=k, layer=layer)
+
+
+@st.cache_data(show_spinner="Highlighting the activating tokens…", max_entries=64)
+def _example_tokens(ws: str, sae_id: str, feature: int, messages: tuple[str, ...]):
+    """Each example's response tokens and the feature's activation on each."""
+    from cinf_core.concepts.sae import feature_token_activations
+
+    lm, sae_obj, layer = _sae_lm(ws, sae_id)
+    return feature_token_activations(lm, sae_obj, [json.loads(m) for m in messages], feature,
+                                     layer=layer)
+
+
 def figure4() -> None:
     """IF beside CI: the top features by influence, each bar split by data group."""
     cols = st.columns(len(FIG4_METHODS))
@@ -78,16 +135,17 @@ def figure4() -> None:
             fig.update_yaxes(categoryorder="array", categoryarray=order[::-1], title=None)
             fig.update_xaxes(title="feature influence F_j (score × activation, a.u.)")
             sh.chart(sh.style_fig(fig, 120 + 28 * top_n), key=f"sae:bars:{method}")
-            totals = top.groupby("grp")["influence"].sum()
-            if trait_label in totals and totals.abs().sum() > 0:
-                st.metric(f"Share from `{trait_label}` data (top {top_n})",
-                          f"{totals[trait_label] / totals.abs().sum():.0%}",
+            share = ui_data.feature_trait_share(top, trait_label)
+            if not math.isnan(share):
+                st.metric(f"Share from `{trait_label}` data (top {top_n})", f"{share:.0%}",
                           help="Σ_j F_j^trait / Σ_j Σ_g |F_j^g| over the top features: groups can "
-                               "push a feature either way, so the denominator counts both.")
+                               "push a feature either way, so the denominator counts both (the "
+                               "share `python -m cinf_core features` reports).")
 
 
 if have:
     figure4()
+    sh.method_explainer(FIG4_METHODS)
 else:
     missing = [ui_data.method_label(m) for m in FIG4_METHODS if m not in by_method]
     sh.empty_state(
@@ -101,6 +159,74 @@ else:
     if features.empty:
         st.stop()
 
+found: list[int] = []  # features the searches below turn up (offered in the feature detail)
+st.subheader("Find features")
+# Lazy tabs: the model and the SAE load only when a search runs.
+tab_text, tab_dir = st.tabs(["By phrase", "By concept direction"], key="sae:find",
+                            on_change="rerun")
+if tab_text.open:
+    with tab_text:
+        phrase = st.text_input("Which features fire on this phrase?", key="sae:phrase",
+                               max_chars=500, placeholder="e.g. I will make you suffer",
+                               help="Read as an assistant response: the model the SAE was "
+                                    f"trained on runs up to layer {sae['layer']}, then the SAE "
+                                    "encodes every token; features are ranked by their largest "
+                                    "activation on the phrase.")
+        if phrase.strip():
+            try:
+                tokens, hits, token_acts = _phrase_features(sh.workspace(), sae["sae_id"],
+                                                            phrase, top_n)
+            except Exception as err:  # noqa: BLE001 — a missing model or SAE is shown, not raised
+                st.warning(f"Phrase search is unavailable: {err}")
+            else:
+                if not hits:
+                    st.caption("No feature fires on this phrase.")
+                else:
+                    found += [j for j, _ in hits]
+                    table = ui_data.feature_hits(
+                        pd.DataFrame(hits, columns=["feature", "activation"]), features)
+                    st.dataframe(table, hide_index=True, column_config={
+                        "activation": st.column_config.NumberColumn("max activation",
+                                                                    format="%.3g"),
+                        "density": st.column_config.NumberColumn("density", format="percent"),
+                        "label": st.column_config.TextColumn("label (top tokens)",
+                                                             width="large")})
+                    ids = [j for j, _ in hits]
+                    chosen = st.selectbox("Highlight the phrase by feature", ids,
+                                          format_func=feature_name, key="sae:phrase:feature")
+                    col = ids.index(chosen)
+                    st.html(ui_data.token_highlight_html(tokens, [row[col] for row in token_acts]))
+                    st.caption(f"Activation of {feature_name(chosen)} on each token of the "
+                               "phrase (darker = stronger). Hover a token for its value.")
+if tab_dir.open:
+    with tab_dir:
+        choices = ui_data.sae_direction_choices(sh.read("concepts"), int(sae["layer"]))
+        if choices.empty:
+            sh.empty_state(f"No direction concept at layer {sae['layer']} to compare with.",
+                           "build a persona vector or a probe on **Concepts**, or upload a "
+                           "vector for this layer.")
+        else:
+            text = dict(zip(choices["concept_id"], choices["choice"]))
+            concept_id = st.selectbox("Concept direction", list(choices["concept_id"]),
+                                      format_func=text.get, key="sae:dir",
+                                      help="Features ranked by the cosine of their decoder row "
+                                           "with the concept's vector at the SAE's layer.")
+            try:
+                near = _direction_features(sh.workspace(), sae["sae_id"], concept_id, top_n)
+            except Exception as err:  # noqa: BLE001 — a missing SAE or bad vector is shown
+                st.warning(f"Direction search is unavailable: {err}")
+            else:
+                found += [int(j) for j in near["feature"]]
+                st.dataframe(ui_data.feature_hits(near, features), hide_index=True,
+                             column_config={
+                                 "cosine": st.column_config.NumberColumn("cosine", format="%.3f"),
+                                 "density": st.column_config.NumberColumn("density",
+                                                                          format="percent"),
+                                 "label": st.column_config.TextColumn("label (top tokens)",
+                                                                      width="large")})
+                st.caption("The SAE features behind the trait: cosine of each feature's decoder "
+                           "row (its direction in the residual stream) with the concept vector.")
+
 st.subheader("Feature detail")
 d1, d2 = st.columns(2)
 query = d1.text_input("Search feature labels (top tokens)", key="sae:q", placeholder="e.g. pain")
@@ -108,6 +234,7 @@ candidates = sorted({int(j) for f in have.values()
                      for j in ui_data.feature_influence(f, top_n, trait_label)["feature"]})
 if not candidates and not features.empty:  # no attributions yet: the most active features
     candidates = [int(j) for j in features.nlargest(top_n, "max_act")["feature"]]
+candidates = sorted(set(candidates) | set(found))
 if query and not features.empty:
     hits = features[features["label"].str.contains(query, case=False, regex=False, na=False)]
     candidates = [int(j) for j in hits["feature"]][:200]
@@ -144,3 +271,21 @@ else:
                  hide_index=True, column_config={
                      "max_act": st.column_config.NumberColumn("max activation", format="%.3g"),
                      "response": st.column_config.TextColumn("response", width="large")})
+    shown = examples.head(HIGHLIGHT_EXAMPLES)
+    if st.toggle(f"Highlight the activating tokens of the top {len(shown)} examples",
+                 key="sae:ex:hl", help="One forward pass per example: the model the SAE was "
+                                       "trained on, up to the SAE's layer, then the SAE."):
+        try:
+            per_example = _example_tokens(sh.workspace(), sae["sae_id"], int(feature),
+                                          tuple(shown["messages"]))
+        except Exception as err:  # noqa: BLE001 — any model or SAE problem is shown, not raised
+            st.warning(f"Token highlighting is unavailable: {err}")
+        else:
+            scale = float(info["max_act"].iloc[0]) if not info.empty else None
+            for row, (tokens, values) in zip(shown.itertuples(), per_example):
+                st.markdown(f"**#{row.rank}** · max activation `{row.max_act:.3g}` · "
+                            f"label `{row.data_origin}` · example #{row.idx}")
+                st.html(ui_data.token_highlight_html(tokens, values, scale=scale))
+            st.caption(f"Response tokens coloured by the activation of {feature_name(feature)} "
+                       "(full colour = its largest activation on the dataset). Hover a token "
+                       "for its value.")

@@ -91,3 +91,70 @@ def test_run_attribution_stored(feature_ws, tiny_lm):
     assert len(stored) == 24 * 2
     f0 = int(top["feature"].iloc[0])
     assert stored[stored.feature == f0]["influence"].sum() == pytest.approx(top["total"].iloc[0])
+
+
+def test_top_example_highlighting_peaks_at_the_stored_max(feature_ws, tiny_lm):
+    """Per-token activations of a feature's top examples (computed on demand for the page) peak
+    at the max activation stored at feature-data time."""
+    import json
+
+    from cinf_core.concepts.features import load_registered_sae
+    from cinf_core.concepts.sae import feature_token_activations
+
+    ws, did, _ = feature_ws
+    summary = compute_feature_data(ws, tiny_lm, "tiny-sae", dataset="ft", batch_size=5)
+    store = Store(ws)
+    sae, layer = load_registered_sae(ws, "tiny-sae")
+    assert layer == LAYER
+    feats = store.sae_features(summary["sae_id"], did)
+    checked = 0
+    for j in feats.nlargest(3, "max_act")["feature"]:
+        top = store.feature_examples(summary["sae_id"], did, int(j))
+        chats = [json.loads(m) for m in top["messages"]]
+        per_example = feature_token_activations(tiny_lm, sae, chats, int(j), layer=layer)
+        for (tokens, values), stored in zip(per_example, top["max_act"]):
+            assert len(tokens) == len(values) > 0
+            assert max(values) == pytest.approx(stored, rel=1e-4, abs=1e-5)
+            checked += 1
+    assert checked >= 3
+
+
+def test_features_by_concept_reads_directions_through_the_store(feature_ws):
+    from cinf_core.concepts import DirectionConcept
+    from cinf_core.concepts.features import (concept_direction_at, features_by_concept,
+                                             load_registered_sae, sae_model_spec)
+    from cinf_core.concepts.sae import features_by_direction
+
+    ws, _, _ = feature_ws
+    store = Store(ws)
+    sae, layer = load_registered_sae(ws, "tiny-sae")
+    assert sae_model_spec(ws, "tiny-sae") == store.get_model("tiny")["spec"]
+    w_dec = sae.W_dec.detach()
+    gen = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize(w_dec[7], dim=0)
+    vec = 2.0 * unit + 0.05 * torch.randn(w_dec.shape[1], generator=gen)
+    store.save_concept(DirectionConcept(name="dir-at-layer", layer=LAYER, kind="probe",
+                                        vector=vec), None)
+    near = features_by_concept(ws, sae, "dir-at-layer", k=5)
+    assert list(near.columns) == ["feature", "cosine"] and len(near) == 5
+    assert int(near["feature"].iloc[0]) == 7 and near["cosine"].iloc[0] > 0.95
+    assert near["cosine"].is_monotonic_decreasing
+    direct = features_by_direction(sae, vec, k=5)
+    assert near["feature"].tolist() == [j for j, _ in direct]
+    assert near["cosine"].tolist() == pytest.approx([c for _, c in direct])
+    # A persona vector built at another layer is read at the SAE's layer from all_layers.
+    all_layers = torch.randn(4, w_dec.shape[1], generator=gen)
+    all_layers[LAYER] = w_dec[3]
+    store.save_concept(DirectionConcept(name="persona-L1", layer=1, kind="persona_vector",
+                                        vector=all_layers[1].clone()), None,
+                       extra_tensors={"all_layers": all_layers})
+    torch.testing.assert_close(concept_direction_at(ws, "persona-L1", LAYER), all_layers[LAYER])
+    assert int(features_by_concept(ws, sae, "persona-L1", k=1)["feature"].iloc[0]) == 3
+    store.save_concept(DirectionConcept(name="probe-L1", layer=1, kind="probe",
+                                        vector=all_layers[1].clone() + 1.0), None)
+    with pytest.raises(ValueError, match="not at layer 2"):
+        features_by_concept(ws, sae, "probe-L1")
+    store.save_concept(DirectionConcept(name="too-wide", layer=LAYER, kind="probe",
+                                        vector=torch.ones(w_dec.shape[1] + 1)), None)
+    with pytest.raises(ValueError, match="hidden size"):
+        features_by_concept(ws, sae, "too-wide")

@@ -233,3 +233,67 @@ def test_make_sae_feature_concept_job(topk_run, tmp_path):
     assert saved.b_enc == pytest.approx(direct.b_enc)
     with pytest.raises(ValueError, match="out of range"):
         make_sae_feature_concept(tmp_path, "toy-sae", 500)
+
+
+def _tiny_model_sae(d_in: int, layer: int = LAYER):
+    """A random standard SAE reading ``hidden_states[layer]`` of a ``d_in``-wide model."""
+    import_sae_lens()
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(2)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=40, apply_b_dec_to_input=True,
+                                        metadata=SAEMetadata(hook_name=f"hidden_states.{layer}")))
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.5, 0.2)
+    return sae
+
+
+def test_features_for_phrase_runs_the_model_to_the_sae_layer(tiny_lm):
+    from cinf_core.concepts.sae import features_for_phrase
+    from cinf_core.models import token_activations
+
+    sae = _tiny_model_sae(tiny_lm.hidden_size)
+    phrase = "I will hurt you, because suffering is fun."
+    found = features_for_phrase(tiny_lm, sae, phrase, k=6)
+    # The phrase is read as an assistant response; the template's end-of-turn token is dropped.
+    messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": phrase}]
+    tokens, hidden = token_activations(tiny_lm, messages, LAYER)
+    assert "".join(found.tokens) == phrase and len(tokens) > len(found.tokens)
+    acts = feature_activations(sae, hidden[:len(found.tokens)])
+    best = acts.max(0).values
+    expected = [j for j in best.argsort(descending=True).tolist() if best[j] > 0][:6]
+    assert len(expected) == 6 and [j for j, _ in found.features] == expected
+    assert [v for _, v in found.features] == pytest.approx(best[expected].tolist(), rel=1e-5)
+    assert found.token_acts.shape == (len(found.tokens), 6)
+    torch.testing.assert_close(found.token_acts, acts[:, expected])
+    with pytest.raises(ValueError, match="trained on layer 2, not layer 1"):
+        features_for_phrase(tiny_lm, sae, phrase, layer=1)
+    with pytest.raises(ValueError, match="phrase"):
+        features_for_phrase(tiny_lm, sae, "   ")
+
+
+def test_feature_token_activations_per_example(tiny_lm):
+    from cinf_core.concepts.sae import feature_token_activations
+    from cinf_core.models import token_activations
+    from conftest import SMALL_TEXTS, chat
+
+    sae = _tiny_model_sae(tiny_lm.hidden_size)
+    chats = [chat("hi", SMALL_TEXTS[1]), chat("and?", SMALL_TEXTS[4], system="be brief")]
+    busiest = None
+    for messages in chats:
+        tokens, hidden = token_activations(tiny_lm, messages, LAYER)
+        counts = (feature_activations(sae, hidden) > 0).sum(0)
+        busiest = int(counts.argmax()) if busiest is None else busiest
+    out = feature_token_activations(tiny_lm, sae, chats, busiest)
+    assert len(out) == 2
+    for messages, (tokens, values) in zip(chats, out):
+        want_tokens, hidden = token_activations(tiny_lm, messages, LAYER)
+        assert tokens == want_tokens and len(values) == len(tokens)
+        assert values == pytest.approx(feature_activations(sae, hidden)[:, busiest].tolist(),
+                                       abs=1e-6)
+    assert max(out[0][1]) > 0
+    with pytest.raises(ValueError, match="out of range"):
+        feature_token_activations(tiny_lm, sae, chats, 40)
+    with pytest.raises(ValueError, match="not layer 3"):
+        feature_token_activations(tiny_lm, sae, chats, 0, layer=3)

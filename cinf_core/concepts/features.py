@@ -23,9 +23,10 @@ import torch
 
 from .. import paths
 from ..data import collate, encode_dataset
-from ..models import LoadedModel, hidden_states_at
+from ..models import LoadedModel, ModelSpec, hidden_states_at
 from ..store import Store
-from .sae import feature_activations, feature_labels, load_sae, sae_hook_layer
+from .sae import (feature_activations, feature_labels, features_by_direction, load_sae,
+                  sae_hook_layer)
 
 FIG4_DEFINITION = (
     "F_j^g = Σ_{i ∈ g} score_i · A_ij, where A_ij is the mean activation of SAE feature j over "
@@ -164,3 +165,61 @@ def attribute_run_to_features(workspace, run_id: str, sae_name: str, k: int = 10
             for g, v in zip([c for c in full.columns if c not in ("feature", "total")], vals)]
     store.add_feature_attributions(run_id, sae_row["sae_id"], rows)
     return full.head(k)
+
+
+# ---------------------------------------------------------------- looking features up
+
+
+def load_registered_sae(workspace, sae_name: str):
+    """A registered SAE (name or id) loaded from its folder, and the layer it reads.
+
+    Refuses an SAE whose recorded hook layer disagrees with its row in the store.
+    """
+    row = Store(workspace).get_sae(sae_name)
+    sae = load_sae(row["path"])
+    layer = sae_hook_layer(sae)
+    if layer is None:
+        layer = int(row["layer"])
+    elif pd.notna(row["layer"]) and int(row["layer"]) != layer:
+        raise ValueError(f"SAE {row['name']!r} is registered at layer {row['layer']} but reads "
+                         f"layer {layer}; register it again with layer={layer}")
+    return sae, layer
+
+
+def sae_model_spec(workspace, sae_name: str) -> ModelSpec:
+    """The model an SAE reads: the one its store row records (else the workspace's fine-tuned one)."""
+    store = Store(workspace)
+    model_id = store.get_sae(sae_name)["model_id"]
+    try:
+        return store.get_model(model_id if isinstance(model_id, str) and model_id
+                               else "finetuned")["spec"]
+    except KeyError as err:
+        raise KeyError(f"SAE {sae_name!r} records no model the workspace knows (model_id="
+                       f"{model_id!r}); register the model it was trained on") from err
+
+
+def concept_direction_at(workspace, concept: str, layer: int) -> torch.Tensor:
+    """A stored concept's direction ``[d_model]`` at ``layer``: its own vector when it lives at that
+    layer, else the row ``layer`` of its per-layer ``all_layers`` tensor (persona vectors)."""
+    store = Store(workspace)
+    loaded = store.load_concept(concept)
+    if loaded.layer == layer:  # an SAE feature concept points along its decoder row
+        return loaded.w_dec if loaded.kind == "sae_feature" else loaded.vector
+    all_layers = store.concept_tensors(concept).get("all_layers")
+    if all_layers is not None and all_layers.dim() == 2 and 0 <= layer < all_layers.shape[0]:
+        return all_layers[layer]
+    raise ValueError(f"concept {loaded.name!r} is a direction at layer {loaded.layer}, not at layer "
+                     f"{layer}; pick a concept built at the SAE's layer")
+
+
+def features_by_concept(workspace, sae, concept: str, k: int = 10,
+                        layer: int | None = None) -> pd.DataFrame:
+    """The SAE features behind a trait: the ``k`` features whose decoder rows have the highest
+    cosine with a stored direction concept at the SAE's layer. Returns ``feature, cosine``."""
+    if layer is None:
+        layer = sae_hook_layer(sae)
+    if layer is None:
+        raise ValueError("this SAE does not record which layer it reads; pass layer=")
+    top = features_by_direction(sae, concept_direction_at(workspace, concept, int(layer)), k=k)
+    return pd.DataFrame({"feature": np.array([j for j, _ in top], dtype=np.int64),
+                         "cosine": np.array([c for _, c in top], dtype=np.float64)})

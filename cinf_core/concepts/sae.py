@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..models import LoadedModel, token_activations
 from .base import SAEFeatureConcept, check_vector
 
 if TYPE_CHECKING:
@@ -468,3 +469,96 @@ def features_for_text(sae: "SAE", hidden: torch.Tensor, k: int = 10, reduce: str
     pooled = acts.max(0).values if reduce == "max" else acts.mean(0)
     top = pooled.topk(min(k, pooled.shape[0]))
     return [(int(i), float(v)) for v, i in zip(top.values, top.indices) if v > 0]
+
+
+# ---------------------------------------------------------------- features on text
+
+
+def _checked_layer(sae: "SAE", layer: int | None) -> int:
+    """The layer to read for ``sae``: its recorded hook layer, which ``layer`` (if given) must match."""
+    sae_layer = sae_hook_layer(sae)
+    if layer is None and sae_layer is None:
+        raise ValueError(
+            "this SAE does not record which layer it reads (metadata hook_layer / hook_name); pass "
+            "layer=<hidden_states index>"
+        )
+    if layer is not None and sae_layer is not None and int(layer) != sae_layer:
+        raise ValueError(f"the SAE was trained on layer {sae_layer}, not layer {layer}")
+    return int(sae_layer if sae_layer is not None else layer)
+
+
+def phrase_hidden(lm: LoadedModel, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
+    """A phrase's tokens and hidden states ``[n_tok, d_model]`` at ``layer`` (one truncated forward).
+
+    The phrase is read as the assistant's response to an empty user turn, the way the SAE saw its
+    training data (response tokens); the chat template's end-of-turn tokens after the phrase are
+    dropped (kept when the tokenizer cannot map tokens back to characters).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("type a phrase to look up")
+    messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+    tokens, hidden = token_activations(lm, messages, layer)
+    tok = lm.tokenizer
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    response = tok.apply_chat_template(messages, tokenize=False)[len(prompt):]
+    start = response.find(text)
+    try:
+        offsets = tok(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError, TypeError):
+        offsets = None
+    if start >= 0 and offsets is not None and len(offsets) == len(tokens):
+        keep = [i for i, (a, b) in enumerate(offsets) if b > start and a < start + len(text)]
+        if keep:
+            return [tokens[i] for i in keep], hidden[keep]
+    return tokens, hidden
+
+
+@dataclass
+class PhraseFeatures:
+    """The features that fire on a phrase, and each one's activation on every token."""
+
+    tokens: list[str]
+    """The phrase's tokens (decoded strings)."""
+    features: list[tuple[int, float]]
+    """``(feature, pooled activation)``, strongest first; features that never fire are left out."""
+    token_acts: torch.Tensor
+    """``[n_tokens, len(features)]``: activation of each listed feature on each token."""
+
+
+@torch.no_grad()
+def features_for_phrase(lm: LoadedModel, sae: "SAE", text: str, k: int = 10, reduce: str = "max",
+                        layer: int | None = None) -> PhraseFeatures:
+    """Which features fire on ``text``: run ``lm`` up to the SAE's layer, encode, keep the top ``k``.
+
+    ``lm`` must be the model the SAE was trained on; ``reduce`` pools over the phrase's tokens (see
+    :func:`features_for_text`).
+    """
+    tokens, hidden = phrase_hidden(lm, text, _checked_layer(sae, layer))
+    top = features_for_text(sae, hidden, k=k, reduce=reduce)
+    acts = feature_activations(sae, hidden)[:, [j for j, _ in top]]
+    return PhraseFeatures(tokens=tokens, features=top, token_acts=acts)
+
+
+@torch.no_grad()
+def feature_token_activations(lm: LoadedModel, sae: "SAE", examples: Sequence[Sequence[dict]],
+                              feature: int, layer: int | None = None,
+                              max_length: int | None = None) -> list[tuple[list[str], list[float]]]:
+    """Per-token activation of one feature over each example's response tokens.
+
+    ``examples`` are message lists (a chat each). Returns one ``(tokens, activations)`` per example:
+    the response tokens as decoded strings and feature ``feature``'s activation on each (what a
+    top-activating example's highlighting shows; its max is the example's max activation).
+    """
+    d_sae = int(sae.cfg.d_sae)
+    if isinstance(feature, bool) or not 0 <= int(feature) < d_sae:
+        raise ValueError(f"feature {feature!r} is out of range; this SAE has features 0..{d_sae - 1}")
+    at = _checked_layer(sae, layer)
+    out = []
+    for messages in examples:
+        tokens, hidden = token_activations(lm, messages, at, max_length)
+        if not tokens:
+            out.append(([], []))
+            continue
+        acts = feature_activations(sae, hidden)[:, int(feature)]
+        out.append((tokens, acts.tolist()))
+    return out
