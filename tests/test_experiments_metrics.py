@@ -33,3 +33,14 @@ def test_correlations_match_scipy():
     assert m["a"]["b"] == pytest.approx(spearmanr(a, b)[0]) and m["a"]["a"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="different numbers"):
         correlation_matrix({"a": a, "b": b[:5]})
+
+
+def test_rank_equals_scipy_rankdata_with_ties():
+    from scipy.stats import rankdata
+
+    from cinf_core.experiments.metrics import _rank
+
+    rng = np.random.default_rng(0)
+    for x in (rng.integers(0, 5, 200).astype(float), rng.standard_normal(50), np.array([3.0]),
+              np.array([1.0, 1.0, 1.0]), np.array([2.0, np.inf, -np.inf, 2.0])):
+        np.testing.assert_array_equal(_rank(x), rankdata(x))
