@@ -46,6 +46,27 @@ class ModelSpec:
         key = json.dumps({"path": self.path, "adapter": self.adapter}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    def weights_fingerprint(self) -> str | None:
+        """Name, size and modification time of every file in the local model and adapter folders.
+
+        It changes when a model or an adapter is rewritten in place (a retrained LoRA saved to the
+        same folder), which the id above cannot see; runs put it in their key so such a model is
+        scored again instead of served stale. ``None`` when neither folder is local (a hub id).
+        Cheap: no file is read.
+        """
+        rows = []
+        for kind, where in (("model", self.path), ("adapter", self.adapter)):
+            if not where or not Path(where).is_dir():
+                continue
+            root = Path(where)
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    rows.append([kind, f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+        if not rows:
+            return None
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
 
 @dataclass
 class LoadedModel:

@@ -155,3 +155,24 @@ def test_run_summary_counts_truncated_examples(workspace, tiny_lm, capsys):
     assert f"{expect.n_prompt_trimmed} of 12 examples lost prompt tokens" in out.err
     whole = score(workspace, ScoreConfig(method="vector_filter", trait="evil"))
     assert whole["truncation"]["n_prompt_trimmed"] == 0
+
+
+def test_a_model_rewritten_in_place_is_scored_again(workspace, tiny_model_dir, tmp_path):
+    """The run key covers the weights on disk: same folder, new files -> a new run, not the cache."""
+    import os
+    import shutil
+
+    from cinf_core.models import ModelSpec
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    store = Store(workspace)
+    store.add_model("mine", ModelSpec(path=str(model_dir)), role="finetuned")
+    cfg = ScoreConfig(method="vector_filter", trait="evil", model="mine")
+    first = score(workspace, cfg)
+    assert score(workspace, cfg)["cached"]
+    weights = next(model_dir.glob("*.safetensors"))
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "retrained" in place
+    again = score(workspace, cfg)
+    assert not again["cached"] and again["run_id"] != first["run_id"]
+    assert ModelSpec(path="org/hub-model").weights_fingerprint() is None

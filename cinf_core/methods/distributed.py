@@ -160,7 +160,7 @@ def _pd_scorer(store: Store, p: RunPlan, lm, encoded, shard_plan: ShardPlan, tim
 
     cfg = p.cfg
     gen_row = store.get_model(cfg.generator)
-    gen_key = generation_key(cfg)
+    gen_key = generation_key(cfg, gen_row["spec"])
     cached = store.generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key)
     lm_gen = cached_model(gen_row["spec"])
     examples = store.load_dataset(p.dataset["dataset_id"]).examples
@@ -241,7 +241,7 @@ def merge_shards(workspace, p: RunPlan, shard_plan: ShardPlan, rank_timings: lis
     gens = shard_plan.read_generations()
     if gens is not None and p.cfg.method == "projection_difference":
         gen_row = store.get_model(p.cfg.generator)
-        gen_key = generation_key(p.cfg)
+        gen_key = generation_key(p.cfg, gen_row["spec"])
         store.add_generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key,
                               gens["idx"].tolist(), gens["response"].tolist())
     store.import_run(p.cfg.method, p.dataset["dataset_id"], p.model_row["model_id"], p.run_config,

@@ -59,21 +59,29 @@ _MODEL_CACHE: dict[tuple, LoadedModel] = {}
 
 def cached_model(spec: ModelSpec) -> LoadedModel:
     """Load a model once per process (the app and benchmarks score many runs)."""
-    key = (spec.path, spec.adapter, spec.merge_adapter, spec.dtype, spec.device)
+    key = (spec.path, spec.adapter, spec.merge_adapter, spec.dtype, spec.device,
+           spec.weights_fingerprint())  # a model rewritten in place is loaded again
     if key not in _MODEL_CACHE:
+        for old in [k for k in _MODEL_CACHE if k[:5] == key[:5]]:
+            del _MODEL_CACHE[old]  # the same folders, older files
         _MODEL_CACHE[key] = load_model(spec)
     return _MODEL_CACHE[key]
 
 
-def generation_key(cfg: ScoreConfig) -> str:
-    """Key of the cached generations y' a Projection Difference run uses (greedy decoding)."""
-    return config_hash({"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+def generation_key(cfg: ScoreConfig, generator: ModelSpec) -> str:
+    """Key of the cached generations y' a Projection Difference run uses (greedy decoding), with
+    the generator's weights fingerprint: a generator rewritten in place generates again."""
+    key = {"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0}
+    weights = generator.weights_fingerprint()
+    if weights is not None:
+        key["weights"] = weights
+    return config_hash(key)
 
 
 def _generations(store: Store, lm_gen: LoadedModel, gen_model_id: str, dataset_id: str,
                  examples, cfg: ScoreConfig, progress: Progress) -> list[str]:
     """The generator's own responses to every training prompt, cached in the store per batch."""
-    gen_key = generation_key(cfg)
+    gen_key = generation_key(cfg, lm_gen.spec)
     have = store.generations(dataset_id, gen_model_id, gen_key)
     missing = [i for i in range(len(examples)) if i not in have]
     step = max(cfg.batch_size, 1)
@@ -150,6 +158,10 @@ def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
         run_config.pop("curvature")
     if cfg.method == "lexical":
         run_config.pop("max_length")  # words, not tokens
+    if cfg.method not in ("random", "lexical"):  # the two that never load the model
+        run_config["weights"] = model_row["spec"].weights_fingerprint()
+        if cfg.method == "projection_difference":
+            run_config["generator_weights"] = store.get_model(cfg.generator)["spec"].weights_fingerprint()
     if queries:
         run_config["queries"] = config_hash([q["messages"] for q in queries])
     if concept is not None:
