@@ -521,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         emit({"error": str(message), "command": args.command})
         return 2
+    except Exception as err:  # a bug: keep the traceback for the report, still end with JSON
+        import traceback
+
+        traceback.print_exc()
+        emit({"error": f"{type(err).__name__}: {err}", "command": args.command,
+              "unexpected": True})
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 prints the one summary (it gathers every rank's part)
     if isinstance(result, dict):

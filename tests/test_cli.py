@@ -75,3 +75,20 @@ def test_set_judge_stores_a_spec_without_the_key(tmp_path, capsys, monkeypatch):
                                            "model": "gpt-4.1-mini", "api_key_env": "MY_KEY"}
     assert main(["set-judge", "--workspace", ws, "--classifier", str(tmp_path / "nope")]) != 0
     assert "nope" in _last_json(capsys)["error"]
+
+
+def test_an_unexpected_error_still_ends_with_a_json_line(tmp_path, capsys, monkeypatch):
+    from cinf_core import cli
+
+    def broken(p):
+        def run(args):
+            raise ZeroDivisionError("division by zero")
+        return run
+
+    monkeypatch.setitem(cli.COMMANDS, "datasets", broken)
+    assert main(["datasets", "--workspace", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    last = json.loads(captured.out.strip().splitlines()[-1])
+    assert last == {"error": "ZeroDivisionError: division by zero", "command": "datasets",
+                    "unexpected": True}
+    assert "Traceback" in captured.err
