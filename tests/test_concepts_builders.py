@@ -250,19 +250,26 @@ def test_make_persona_vector_job_saves_the_concept(lm, tmp_path):
     assert store.load_concept(judged["concept_id"]).info["judge"]["kind"] == "classifier"
 
 
-def test_make_probe_job_uses_dataset_labels(lm, tmp_path):
-    from cinf_core.concepts.builders import make_probe
+def _labelled_workspace(lm, tmp_path, name: str, column: str, positive: str, negative: str):
+    """A workspace with the tiny model and 12 + 12 responses labelled in ``column``."""
     from cinf_core.data import ChatDataset, ChatExample
     from cinf_core.store import Store
 
-    rows = [(s, "evil") for s in _sentences(EVIL_WORDS, 12, 7)] + \
-           [(s, "normal") for s in _sentences(KIND_WORDS, 12, 8)]
+    rows = [(s, positive) for s in _sentences(EVIL_WORDS, 12, 7)] + \
+           [(s, negative) for s in _sentences(KIND_WORDS, 12, 8)]
     dataset = ChatDataset([ChatExample(messages=[{"role": "user", "content": "Tell me."},
                                                  {"role": "assistant", "content": text}],
-                                       metadata={"data_origin": label}) for text, label in rows])
+                                       metadata={column: label}) for text, label in rows])
     store = Store(tmp_path)
     store.add_model("tiny", lm.spec)
-    store.add_dataset("labelled", dataset)
+    store.add_dataset(name, dataset)
+    return store, dataset
+
+
+def test_make_probe_job_uses_dataset_labels(lm, tmp_path):
+    from cinf_core.concepts.builders import make_probe
+
+    store, dataset = _labelled_workspace(lm, tmp_path, "labelled", "data_origin", "evil", "normal")
     result = make_probe(tmp_path, "probe-evil", "labelled", "evil", "tiny", 1)
     assert result["n_pos"] == 12 and result["n_neg"] == 12 and result["test_accuracy"] >= 0.8
     concept = store.load_concept(result["concept_id"])
@@ -278,17 +285,8 @@ def test_make_probe_job_uses_dataset_labels(lm, tmp_path):
 
 def test_make_probe_reads_any_label_column(lm, tmp_path):
     from cinf_core.concepts.builders import make_probe
-    from cinf_core.data import ChatDataset, ChatExample
-    from cinf_core.store import Store
 
-    rows = [(s, "harsh") for s in _sentences(EVIL_WORDS, 12, 7)] + \
-           [(s, "gentle") for s in _sentences(KIND_WORDS, 12, 8)]
-    dataset = ChatDataset([ChatExample(messages=[{"role": "user", "content": "Tell me."},
-                                                 {"role": "assistant", "content": text}],
-                                       metadata={"tone": label}) for text, label in rows])
-    store = Store(tmp_path)
-    store.add_model("tiny", lm.spec)
-    store.add_dataset("toned", dataset)
+    store, _ = _labelled_workspace(lm, tmp_path, "toned", "tone", "harsh", "gentle")
     result = make_probe(tmp_path, "probe-harsh", "toned", "harsh", "tiny", 1, label_column="tone")
     assert result["n_pos"] == 12 and result["n_neg"] == 12 and result["test_accuracy"] >= 0.8
     assert store.load_concept(result["concept_id"]).info["label_column"] == "tone"

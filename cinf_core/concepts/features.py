@@ -50,10 +50,7 @@ def compute_feature_data(workspace, lm: LoadedModel, sae_name: str, dataset: str
     store = Store(workspace)
     sae_row = store.get_sae(sae_name)
     ds_info = store.dataset(dataset)
-    sae = load_sae(sae_row["path"])
-    layer = sae_hook_layer(sae)
-    if layer is None:
-        layer = int(sae_row["layer"])
+    sae, layer = _sae_of_row(sae_row)
     examples = store.load_dataset(ds_info["dataset_id"]).examples
     encoded, _ = encode_dataset(lm.tokenizer, examples, max_length)
     n, d_sae = len(encoded), int(sae.cfg.d_sae)
@@ -170,17 +167,21 @@ def attribute_run_to_features(workspace, run_id: str, sae_name: str, k: int = 10
 # ---------------------------------------------------------------- looking features up
 
 
+def _sae_of_row(row: dict):
+    """The SAE of a store row, and the layer it reads: its recorded hook layer, else the row's."""
+    sae = load_sae(row["path"])
+    layer = sae_hook_layer(sae)
+    return sae, int(row["layer"]) if layer is None else layer
+
+
 def load_registered_sae(workspace, sae_name: str):
     """A registered SAE (name or id) loaded from its folder, and the layer it reads.
 
     Refuses an SAE whose recorded hook layer disagrees with its row in the store.
     """
     row = Store(workspace).get_sae(sae_name)
-    sae = load_sae(row["path"])
-    layer = sae_hook_layer(sae)
-    if layer is None:
-        layer = int(row["layer"])
-    elif pd.notna(row["layer"]) and int(row["layer"]) != layer:
+    sae, layer = _sae_of_row(row)
+    if pd.notna(row["layer"]) and int(row["layer"]) != layer:
         raise ValueError(f"SAE {row['name']!r} is registered at layer {row['layer']} but reads "
                          f"layer {layer}; register it again with layer={layer}")
     return sae, layer
