@@ -266,6 +266,10 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
                    help="projection_difference: model that generates y' (name or role)")
     p.add_argument("--n-queries", type=int, help="use only the top-n test queries")
     p.add_argument("--damping", type=float, help="EK-FAC damping (influence methods)")
+    p.add_argument("--concept-window", type=int, metavar="K",
+                   help="concept_influence: measure the concept over the K positions where each test "
+                        "answer starts (its last prompt token and first K-1 answer tokens) instead of "
+                        "over all response tokens")
 
 
 def _score_config(args):
@@ -275,7 +279,8 @@ def _score_config(args):
     return ScoreConfig(method=args.method, trait=args.trait, concept=args.concept,
                        dataset=args.dataset, model=args.model, batch_size=args.batch_size,
                        max_length=args.max_length, seed=args.seed, generator=args.generator,
-                       n_queries=args.n_queries, curvature=curvature)
+                       n_queries=args.n_queries, curvature=curvature,
+                       concept_window=args.concept_window)
 
 
 @command("score", "score the training set with one method (cached; resumes a killed run; "
@@ -353,6 +358,9 @@ def _retrain(p: argparse.ArgumentParser):
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-cells", type=int, help="stop after computing this many cells")
+    p.add_argument("--concept-window", type=int, metavar="K",
+                   help="rank Concept Influence with the concept measured over the K positions where "
+                        "each test answer starts (a separate experiment from the default)")
     p.add_argument("--workers", type=int,
                    help="processes on the grid, one thread each (default: the free cores)")
 
@@ -362,7 +370,8 @@ def _retrain(p: argparse.ArgumentParser):
         from .experiments.retrain import RetrainConfig, run_grid
 
         cfg = RetrainConfig(trait=args.trait, methods=tuple(args.methods), modes=tuple(args.modes),
-                            fractions=tuple(args.fractions), seeds=tuple(args.seeds))
+                            fractions=tuple(args.fractions), seeds=tuple(args.seeds),
+                            concept_window=args.concept_window)
         progress = Progress(not args.no_progress)
         try:
             workers = args.workers if args.workers is not None else torch.get_num_threads()

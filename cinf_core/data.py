@@ -337,6 +337,31 @@ def encode_dataset(
     return encoded, report
 
 
+def answer_start_window(encoded: Sequence[EncodedExample], k: int) -> list[EncodedExample]:
+    """The same examples with ``response_mask`` marking the ``k`` positions where the answer starts.
+
+    Positions ``r0 - 1 .. r0 + k - 2``, ``r0`` the first response token: the last prompt token
+    (whose hidden state predicts the answer's first token, before any answer text is seen) and
+    the first ``k - 1`` response tokens, clipped at the end of the example. A concept measured
+    here reads the model's choice of how to answer rather than its reading of the answer's text.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"the answer-start window must be a whole number of tokens >= 1, got {k!r}")
+    out = []
+    for i, e in enumerate(encoded):
+        if 1 not in e.response_mask:
+            raise ValueError(f"example {i} has no response tokens, so it has no answer start")
+        r0 = e.response_mask.index(1)
+        if r0 == 0:
+            raise ValueError(f"example {i} has no prompt token before its response; the answer "
+                             "start is the last prompt token (encode with a chat template)")
+        mask = [0] * len(e.input_ids)
+        for j in range(r0 - 1, min(r0 - 1 + k, len(mask))):
+            mask[j] = 1
+        out.append(EncodedExample(e.input_ids, mask, e.prompt_trimmed, e.response_trimmed))
+    return out
+
+
 def collate(encoded: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask``, ``response_mask``, ``labels``.
 

@@ -122,3 +122,19 @@ def test_truncation_keeps_response_trims_prompt_left(tiny_lm):
     assert len(short.input_ids) == 4 and short.response_trimmed > 0 and sum(short.response_mask) == 3
     _, report = encode_dataset(tok, [msgs, chat("a", "b")], max_length=n_resp + 5)
     assert report.as_dict() == {"n_examples": 2, "n_prompt_trimmed": 1, "n_response_trimmed": 0}
+
+
+def test_answer_start_window_marks_last_prompt_token_and_first_answer_tokens():
+    from cinf_core.data import EncodedExample, answer_start_window
+
+    ex = EncodedExample(input_ids=[5, 6, 7, 8, 9, 10], response_mask=[0, 0, 0, 1, 1, 1])
+    assert answer_start_window([ex], 1)[0].response_mask == [0, 0, 1, 0, 0, 0]
+    assert answer_start_window([ex], 3)[0].response_mask == [0, 0, 1, 1, 1, 0]
+    assert answer_start_window([ex], 9)[0].response_mask == [0, 0, 1, 1, 1, 1]  # clipped at the end
+    assert answer_start_window([ex], 3)[0].input_ids == ex.input_ids and ex.response_mask == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="whole number of tokens >= 1, got 0"):
+        answer_start_window([ex], 0)
+    with pytest.raises(ValueError, match="example 1 has no prompt token"):
+        answer_start_window([ex, EncodedExample([1, 2], [1, 1])], 2)
+    with pytest.raises(ValueError, match="example 0 has no response tokens"):
+        answer_start_window([EncodedExample([1, 2], [0, 0])], 2)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cinf_core.experiments.retrain import RetrainConfig, kept_indices, run_grid
+from cinf_core.experiments.retrain import (RetrainConfig, environment, experiment_id, kept_indices,
+                                          ranked_indices, run_grid)
 from cinf_core.store import Store
 from conftest import copy_workspace
 
@@ -24,6 +25,8 @@ def test_kept_indices():
         RetrainConfig(trait="evil", fractions=(0.0,))
     with pytest.raises(ValueError, match="unknown method"):
         RetrainConfig(trait="evil", methods=("magic",))
+    with pytest.raises(ValueError, match="concept_window must be a whole number of tokens >= 1"):
+        RetrainConfig(trait="evil", concept_window=0)
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         run_grid("no-such-workspace", RetrainConfig(trait="evil"), workers=0)
 
@@ -88,3 +91,29 @@ def test_two_workers_split_the_grid(quick_world, tmp_path):
     assert out["computed_here"] + helper["computed_here"] == 5  # every cell computed once
     cells = Store(ws).retrain_cells()
     assert (cells["status"] == "complete").all() and len(cells) == 5
+
+
+@pytest.mark.slow
+def test_concept_window_ranks_concept_influence_in_its_own_experiment(quick_world, tmp_path):
+    """A windowed Concept Influence is its own scored run and its own retrain experiment; the
+    default run and experiment keep the keys they had before the option existed."""
+    from cinf_core.methods.runner import ScoreConfig, plan
+
+    ws = copy_workspace(quick_world, tmp_path / "ws")
+    store = Store(ws)
+    default = plan(store, ScoreConfig(method="concept_influence", trait="evil"))
+    windowed = plan(store, ScoreConfig(method="concept_influence", trait="evil", concept_window=2))
+    assert "concept_window" not in default.run_config and windowed.run_config["concept_window"] == 2
+    assert default.run_id != windowed.run_id
+    whole = ranked_indices(store, "concept_influence", "evil", 0, None)
+    start = ranked_indices(store, "concept_influence", "evil", 0, None, concept_window=2)
+    assert sorted(whole) == sorted(start) and whole != start
+    assert set(store.runs()["run_id"]) >= {default.run_id, windowed.run_id}
+    # other methods ignore the window: Vector Filter ranks the same in both experiments
+    assert ranked_indices(store, "vector_filter", "evil", 0, None, concept_window=2) == \
+        ranked_indices(store, "vector_filter", "evil", 0, None)
+    env = environment(store)
+    ids = {experiment_id(store, RetrainConfig(trait="evil", concept_window=w), env) for w in (None, 2, 3)}
+    assert len(ids) == 3
+    with pytest.raises(ValueError, match="concept_window applies to concept_influence only"):
+        ScoreConfig(method="vector_filter", trait="evil", concept_window=2)

@@ -99,6 +99,31 @@ def test_concept_influence_equals_direct_computation(world, factors):
         np.testing.assert_allclose(single, got[:, k], rtol=1e-9)
 
 
+def test_concept_influence_over_the_answer_start_equals_direct_computation(world, factors):
+    """``window=k``: f_c averaged over positions r0-1 .. r0+k-2 of each query (r0 its first response
+    token), built here from the collated batch by index arithmetic, not by answer_start_window."""
+    lm = world.lm
+    concept = _concepts(lm.hidden_size)[1]
+    batch = collate(world.queries, lm.pad_token_id)
+    modules = {n: m for n, m in factors.tracked_modules(lm.model).items() if int(n.split(".")[2]) < concept.layer}
+    for k in (1, 3):
+        hidden = hidden_states_at(lm.model, batch["input_ids"], batch["attention_mask"], [concept.layer])[concept.layer]
+        mask = torch.zeros_like(batch["response_mask"])
+        for q in range(mask.shape[0]):
+            r0 = int(batch["response_mask"][q].nonzero()[0])
+            mask[q, r0 - 1: r0 - 1 + k] = 1
+        g_f = _param_grads(lm, modules, concept.measure(hidden, mask).mean())
+        pre = precondition(factors, {n: g.unsqueeze(0) for n, g in g_f.items()})
+        expected = np.array([-_dot({n: p[0] for n, p in pre.items()}, g)
+                             for g in _train_grads(lm, modules, world.train)])
+        got = concept_influence(lm, world.train, world.queries, factors, concept, batch_size=5, window=k)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    whole = concept_influence(lm, world.train, world.queries, factors, concept)
+    assert not np.allclose(whole, got)  # the window is a different behaviour
+    with pytest.raises(ValueError, match="whole number of tokens >= 1, got 0"):
+        concept_influence(lm, world.train, world.queries, factors, concept, window=0)
+
+
 def test_grad_sim_equals_direct_computation(world):
     lm = world.lm
     cfg = CurvatureConfig(kinds="mlp", block_start=1)

@@ -37,7 +37,7 @@ from ..curvature.ekfac import EKFACFactors, precondition
 from ..curvature.lm import check_examples, response_losses
 from ..curvature.modules import select_modules
 from ..curvature.tape import LinearTape, eval_mode, grad_shape
-from ..data import EncodedExample, collate
+from ..data import EncodedExample, answer_start_window, collate
 from ..models import base_config, block_index_of, check_layer, hidden_states_at
 
 Progress = Callable[[int], None] | None
@@ -72,11 +72,17 @@ def prepare_influence_function(
 
 def prepare_concept_influence(
     lm, queries: Sequence[EncodedExample], factors: EKFACFactors,
-    concepts: Concept | Sequence[Concept], *, batch_size: int = 8,
+    concepts: Concept | Sequence[Concept], *, batch_size: int = 8, window: int | None = None,
 ) -> Prepared:
-    """``-(H + lambda I)^{-1} grad f_c`` for each concept (CI: ``B = mean_q f_c(q)``)."""
+    """``-(H + lambda I)^{-1} grad f_c`` for each concept (CI: ``B = mean_q f_c(q)``).
+
+    ``window``: measure ``f_c`` over the ``window`` positions where each query's answer starts
+    (:func:`~cinf_core.data.answer_start_window`) instead of over all its response tokens.
+    """
     concept_list = [concepts] if isinstance(concepts, Concept) else list(concepts)
     check_examples(queries, "test-query")
+    if window is not None:
+        queries = answer_start_window(queries, window)
     _check_concepts(lm.model, concept_list)
     top = max(c.layer for c in concept_list)
     index = block_index_of(lm.model)
@@ -135,6 +141,7 @@ def concept_influence(
     concepts: Concept | Sequence[Concept],
     *,
     batch_size: int = 8,
+    window: int | None = None,
     indices: Sequence[int] | None = None,
     progress: Progress = None,
 ) -> np.ndarray:
@@ -143,9 +150,12 @@ def concept_influence(
     ``f_c`` = ``concept.measure(hidden_states[concept.layer], response_mask)`` averaged over the test
     queries; the query forward stops at the highest concept layer and only factor modules in
     blocks below a concept's layer carry its gradient. All concepts share one pass over ``train``.
+    ``window``: measure over each query's first ``window`` answer positions, from its last prompt
+    token (None: every response token, the paper's definition).
     Returns ``[len(indices)]`` for one concept, ``[len(indices), n_concepts]`` for a list.
     """
-    prepared = prepare_concept_influence(lm, queries, factors, concepts, batch_size=batch_size)
+    prepared = prepare_concept_influence(lm, queries, factors, concepts, batch_size=batch_size,
+                                         window=window)
     scores = train_scores(lm, prepared, train, batch_size=batch_size, indices=indices, progress=progress)
     return scores[:, 0] if isinstance(concepts, Concept) else scores
 

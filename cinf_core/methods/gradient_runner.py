@@ -60,7 +60,8 @@ def prepare(store, cfg, lm, encoded: Sequence[EncodedExample], dataset: dict, mo
         prepared = gradient.prepare_influence_function(lm, query_enc, factors, batch_size=cfg.batch_size)
     else:
         prepared = gradient.prepare_concept_influence(lm, query_enc, factors, concept,
-                                                      batch_size=cfg.batch_size)
+                                                      batch_size=cfg.batch_size,
+                                                      window=cfg.concept_window)
     timings["queries_s"] = time.perf_counter() - t
     return prepared, timings
 

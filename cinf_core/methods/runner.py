@@ -46,10 +46,21 @@ class ScoreConfig:
     max_new_tokens: int = 64
     n_queries: int | None = field(default=None, metadata={"help": "use only the top-n test queries"})
     curvature: dict = field(default_factory=dict, metadata={"help": "CurvatureConfig fields"})
+    concept_window: int | None = field(
+        default=None, metadata={"help": "Concept Influence: measure the concept over the K positions "
+                                        "where each test answer starts (None: all response tokens)"})
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.concept_window is not None:
+            if self.method != "concept_influence":
+                raise ValueError(f"concept_window applies to concept_influence only, not {self.method}; "
+                                 "leave it unset")
+            if isinstance(self.concept_window, bool) or not isinstance(self.concept_window, int) \
+                    or self.concept_window < 1:
+                raise ValueError(f"concept_window must be a whole number of tokens >= 1 (or unset for "
+                                 f"all response tokens), got {self.concept_window!r}")
         if self.method in NEEDS_QUERIES + NEEDS_CONCEPT and not (self.trait or self.concept):
             raise ValueError(f"{self.method} needs --trait (or --concept)")
 
@@ -156,6 +167,8 @@ def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
         run_config["generator_id"] = store.get_model(cfg.generator)["model_id"]
     if cfg.method not in GRADIENT_METHODS:
         run_config.pop("curvature")
+    if cfg.concept_window is None:  # runs stored before the option existed keep their keys
+        run_config.pop("concept_window")
     if cfg.method == "lexical":
         run_config.pop("max_length")  # words, not tokens
     if cfg.method not in ("random", "lexical"):  # the two that never load the model
