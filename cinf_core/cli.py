@@ -114,12 +114,12 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
-            from .experiments.evaluate import latest_runs
-            from .methods.runner import METHODS
+            from .experiments.evaluate import RESULT_METHODS, latest_runs
             from .store import Store
 
             store = Store(args.workspace)
-            missing = [t for t in store.traits() if set(latest_runs(store, t)) < set(METHODS)]
+            missing = [t for t in store.traits()
+                       if not set(RESULT_METHODS) <= set(latest_runs(store, t))]
             if missing:
                 from .jobs import start_job
 

@@ -93,19 +93,67 @@ FEATURE_DEFINITION = (r"F_j^{g} = \sum_{i \in g} \mathrm{score}_i \, A_{ij}, \qq
                       r"\text{'s response tokens}")
 
 
+# Concept Influence measured over an answer-start window (``ScoreConfig.concept_window``) is its
+# own entry in every view: its key is ``concept_influence@start<K>``.
+VARIANT_SEP = "@start"
+WINDOW_COLOR = "#8C510A"
+WINDOW_FORMULA = (r"\mathrm{CI}_K(z_i) = -\nabla_\theta f_c^\top\,(H+\lambda I)^{-1}\,"
+                  r"\nabla_\theta L(z_i),\quad f_c = \tfrac{1}{|W|}\textstyle\sum_{t \in W} "
+                  r"h_{l,t}\cdot\hat v,\ W = \{r_0-1, \dots, r_0+K-2\}")
+
+
+def run_method(method: str, config: Mapping | None) -> str:
+    """The method key the app shows for a run: its method, or Concept Influence's window variant."""
+    window = (config or {}).get("concept_window")
+    if method == "concept_influence" and window:
+        return f"{method}{VARIANT_SEP}{int(window)}"
+    return method
+
+
+def split_method(key: str) -> tuple[str, int | None]:
+    """``(engine method, answer-start window or None)`` of a method key."""
+    base, sep, window = key.partition(VARIANT_SEP)
+    return (base, int(window)) if sep and window.isdigit() else (key, None)
+
+
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method.replace("_", " ").capitalize())
+    base, window = split_method(method)
+    label = METHOD_LABELS.get(base, base.replace("_", " ").capitalize())
+    return label if window is None else f"{label} (answer start, {window} tok)"
+
+
+def method_short(method: str) -> str:
+    base, window = split_method(method)
+    short = METHOD_SHORT.get(base, base)
+    return short if window is None else f"{short}@{window}"
 
 
 def method_color(method: str) -> str:
     """The method's colour; unknown methods get a stable colour from a spare palette."""
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
+    if split_method(method)[1] is not None:
+        return WINDOW_COLOR
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
-def method_sort_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def method_sort_key(method: str) -> tuple[int, int, str]:
+    base, window = split_method(method)
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), window or 0,
+            method)
+
+
+def method_explanation(method: str) -> tuple[str, str] | None:
+    """``(one-line explanation, LaTeX formula)`` of a method key, None for unknown methods."""
+    base, window = split_method(method)
+    if base not in METHOD_FORMULAS:
+        return None
+    if window is None:
+        return METHOD_EXPLANATIONS[base], METHOD_FORMULAS[base]
+    return (f"Concept Influence with f_c measured only where each test answer starts: the last "
+            f"prompt token (r_0 is the first answer token) and the first {window - 1} answer "
+            f"token(s), where the model commits to how it answers, instead of over the whole "
+            f"teacher-forced answer.", WINDOW_FORMULA)
 
 
 def color_map(methods: Iterable[str], by_label: bool = False) -> dict[str, str]:
@@ -188,7 +236,7 @@ def run_trait(config: Mapping, concept_name: str | None = None) -> str:
 def runs_table(runs: pd.DataFrame, concepts: pd.DataFrame | None = None,
                datasets: pd.DataFrame | None = None) -> pd.DataFrame:
     """The runs with readable columns: trait, concept and dataset names, a one-line label."""
-    cols = ["run_id", "method", "method_label", "trait", "concept", "dataset", "dataset_id",
+    cols = ["run_id", "method", "engine_method", "method_label", "trait", "concept", "dataset", "dataset_id",
             "model_id", "concept_id", "status", "n_done", "n_total", "wall_s", "examples_per_s",
             "started_at", "finished_at", "host", "config", "timings", "error", "label"]
     if runs is None or runs.empty:
@@ -205,6 +253,8 @@ def runs_table(runs: pd.DataFrame, concepts: pd.DataFrame | None = None,
     out["concept"] = names
     out["trait"] = [run_trait(cfg, name) for cfg, name in zip(configs, names)]
     out["dataset"] = [dataset_names.get(d, d) for d in out["dataset_id"]]
+    out["engine_method"] = out["method"]
+    out["method"] = [run_method(m, cfg) for m, cfg in zip(out["method"], configs)]
     out["method_label"] = [method_label(m) for m in out["method"]]
     out["label"] = [f"{method_label(m)} · {t} · {d} · {r[:6]}"
                     for m, t, d, r in zip(out["method"], out["trait"], out["dataset"],
@@ -443,7 +493,7 @@ def speedups(costs: pd.DataFrame, pairs: Sequence[tuple[str, str]] = (
         ("influence_function", "concept_influence"))) -> pd.DataFrame:
     """``slow / fast`` time-per-example ratios for the method pairs present."""
     per = dict(zip(costs["method"], costs["s_per_1k_examples"])) if not costs.empty else {}
-    rows = [{"pair": f"{METHOD_SHORT.get(s, s)} / {METHOD_SHORT.get(f, f)}", "slow": s, "fast": f,
+    rows = [{"pair": f"{method_short(s)} / {method_short(f)}", "slow": s, "fast": f,
              "speedup": per[s] / per[f]}
             for s, f in pairs if s in per and f in per and per[f] > 0]
     return pd.DataFrame(rows, columns=["pair", "slow", "fast", "speedup"])

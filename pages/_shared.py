@@ -122,9 +122,10 @@ def method_explainer(methods) -> None:
     with st.expander("What do the methods compute?"):
         st.caption(ui_data.SIGN_CONVENTION)
         for m in sorted(set(methods), key=ui_data.method_sort_key):
-            if m in ui_data.METHOD_FORMULAS:
-                st.markdown(f"**{ui_data.method_label(m)}** — {ui_data.METHOD_EXPLANATIONS[m]}")
-                st.latex(ui_data.METHOD_FORMULAS[m])
+            explained = ui_data.method_explanation(m)
+            if explained is not None:
+                st.markdown(f"**{ui_data.method_label(m)}** — {explained[0]}")
+                st.latex(explained[1])
 
 
 def style_fig(fig: go.Figure, height: int = 380, legend: str = "top") -> go.Figure:

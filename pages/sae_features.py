@@ -131,7 +131,7 @@ def figure4() -> None:
                 fig.add_bar(y=[feature_name(j) for j in part["feature"]], x=part["influence"],
                             name=f"from {grp} data", orientation="h", marker_color=colors[grp])
             fig.update_layout(barmode="relative", title=f"Top {top_n} features — "
-                              f"{ui_data.METHOD_SHORT[method]}")
+                              f"{ui_data.method_short(method)}")
             fig.update_yaxes(categoryorder="array", categoryarray=order[::-1], title=None)
             fig.update_xaxes(title="feature influence F_j (score × activation, a.u.)")
             sh.chart(sh.style_fig(fig, 120 + 28 * top_n), key=f"sae:bars:{method}")

@@ -74,6 +74,30 @@ def test_runs_table_names_and_traits():
     assert ui_data.runs_table(pd.DataFrame()).empty
 
 
+def test_answer_start_concept_influence_is_its_own_entry():
+    runs = _runs()
+    extra = runs.iloc[[1]].assign(run_id="r4", config=json.dumps({"trait": "evil", "concept_window": 3}),
+                                  started_at=pd.Timestamp("2026-01-04"))
+    table = ui_data.runs_table(pd.concat([runs, extra], ignore_index=True))
+    row = table[table["run_id"] == "r4"].iloc[0]
+    assert row["method"] == "concept_influence@start3" and row["engine_method"] == "concept_influence"
+    assert row["method_label"] == "Concept Influence (answer start, 3 tok)"
+    assert row["label"].startswith("Concept Influence (answer start, 3 tok) · evil")
+    # both Concept Influence runs stay in the scope, the plain one first
+    latest = ui_data.latest_complete_runs(table, "evil", "d")
+    assert list(latest["run_id"]) == ["r2", "r4", "r1"]
+    key = "concept_influence@start3"
+    assert ui_data.split_method(key) == ("concept_influence", 3)
+    assert ui_data.split_method("concept_influence") == ("concept_influence", None)
+    colours = {ui_data.method_color(m) for m in ui_data.METHOD_ORDER}
+    assert ui_data.method_color(key) not in colours | set(ui_data.LABEL_COLORS.values())
+    assert ui_data.method_short(key) == "CI@3"
+    text, formula = ui_data.method_explanation(key)
+    assert "first 2 answer token(s)" in text and "r_0" in formula
+    assert ui_data.method_explanation("concept_influence")[1] == ui_data.METHOD_FORMULAS["concept_influence"]
+    assert ui_data.method_explanation("unknown") is None
+
+
 def test_costs_and_speedups():
     table = ui_data.runs_table(_runs())
     costs = ui_data.method_costs(table)

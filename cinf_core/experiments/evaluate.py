@@ -4,33 +4,48 @@ from __future__ import annotations
 import numpy as np
 
 from ..store import Store
+from ..ui_data import VARIANT_SEP, run_method, split_method
 from .metrics import auc_pr, correlation_matrix
+
+ANSWER_START_WINDOW = 3
+"""The answer-start window of the Concept Influence variant every workspace is scored with. On the
+demo world K = 1, 3, 6 gave AUC-PR 0.897 / 0.912 / 0.891 (evil) and 0.671 / 0.729 / 0.657
+(sycophantic), against 0.731 / 0.556 over all response tokens."""
+RESULT_METHODS = ("influence_function", "concept_influence",
+                  f"concept_influence{VARIANT_SEP}{ANSWER_START_WINDOW}", "vector_filter",
+                  "projection_difference", "grad_sim", "lexical", "random")
+"""Method keys the results job scores for every trait (``concept_influence@start3``: Concept
+Influence over the answer-start window)."""
 
 
 def latest_runs(store: Store, trait: str) -> dict[str, str]:
-    """``{method: run_id}``: the newest complete run of each method for ``trait``."""
+    """``{method key: run_id}``: the newest complete run of each method for ``trait``; Concept
+    Influence over an answer-start window has its own key (``concept_influence@start3``)."""
     out: dict[str, str] = {}
     frame = store.runs(status="complete")
     for row in frame.to_dict(orient="records"):
         config = store.run(row["run_id"])["config"]
         if config.get("trait") == trait:
-            out[row["method"]] = row["run_id"]  # runs are ordered oldest first
+            out[run_method(row["method"], config)] = row["run_id"]  # runs are ordered oldest first
     return out
 
 
 def ensure_runs(workspace, traits: list[str] | None = None, methods: tuple[str, ...] | None = None,
                 progress=None) -> dict[str, dict[str, str]]:
-    """Score every (trait, method) that has no complete run yet; ``{trait: {method: run_id}}``."""
-    from ..methods.runner import METHODS, ScoreConfig, score
+    """Score every (trait, method key) that has no complete run yet (default: every key of
+    :data:`RESULT_METHODS`); ``{trait: {method key: run_id}}``."""
+    from ..methods.runner import ScoreConfig, score
 
     store = Store(workspace)
     out: dict[str, dict[str, str]] = {}
     for trait in traits or store.traits():
         have = latest_runs(store, trait)
-        for method in methods or METHODS:
-            if method not in have:
-                have[method] = score(workspace, ScoreConfig(method=method, trait=trait),
-                                     progress=progress)["run_id"]
+        for key in methods or RESULT_METHODS:
+            if key not in have:
+                method, window = split_method(key)
+                have[key] = score(workspace, ScoreConfig(method=method, trait=trait,
+                                                         concept_window=window),
+                                  progress=progress)["run_id"]
         out[trait] = have
     return out
 

@@ -211,6 +211,8 @@ def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
     store = Store(workspace)
     env = environment(store)
     exp_id = experiment_id(store, cfg, env)
+    if store.get_meta(f"retrain:{exp_id}") is None:  # what the app labels the experiment with
+        store.set_meta(f"retrain:{exp_id}", {"trait": cfg.trait, "concept_window": cfg.concept_window})
     judge = make_judge(env.judge_spec)
     recipe = LoraRecipe.from_dict(env.lora)
     train = store.load_dataset(env.train_dataset_id).examples
