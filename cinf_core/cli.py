@@ -353,14 +353,13 @@ def _retrain(p: argparse.ArgumentParser):
     from .experiments.retrain import DEFAULT_METHODS, MODES
 
     p.add_argument("--trait", required=True)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="methods to rank by; concept_influence@startK is Concept Influence with the "
+                        "concept measured over the K positions where each test answer starts")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-cells", type=int, help="stop after computing this many cells")
-    p.add_argument("--concept-window", type=int, metavar="K",
-                   help="rank Concept Influence with the concept measured over the K positions where "
-                        "each test answer starts (a separate experiment from the default)")
     p.add_argument("--workers", type=int,
                    help="processes on the grid, one thread each (default: the free cores)")
 
@@ -370,8 +369,7 @@ def _retrain(p: argparse.ArgumentParser):
         from .experiments.retrain import RetrainConfig, run_grid
 
         cfg = RetrainConfig(trait=args.trait, methods=tuple(args.methods), modes=tuple(args.modes),
-                            fractions=tuple(args.fractions), seeds=tuple(args.seeds),
-                            concept_window=args.concept_window)
+                            fractions=tuple(args.fractions), seeds=tuple(args.seeds))
         progress = Progress(not args.no_progress)
         try:
             workers = args.workers if args.workers is not None else torch.get_num_threads()

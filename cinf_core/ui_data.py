@@ -17,11 +17,14 @@ import numpy as np
 import pandas as pd
 
 from . import paths
+from .method_keys import ANSWER_START_CI, VARIANT_SEP, method_key, split_method  # noqa: F401
 
 # ---------------------------------------------------------------- methods: names, colours, formulas
 
 METHOD_ORDER = ["concept_influence", "influence_function", "vector_filter",
                 "projection_difference", "grad_sim", "lexical", "random"]
+RETRAIN_METHODS = METHOD_ORDER[:1] + [ANSWER_START_CI] + METHOD_ORDER[1:]
+"""What a filter-and-retrain experiment can rank by (method keys)."""
 METHOD_LABELS = {
     "concept_influence": "Concept Influence",
     "influence_function": "Influence Function",
@@ -93,28 +96,12 @@ FEATURE_DEFINITION = (r"F_j^{g} = \sum_{i \in g} \mathrm{score}_i \, A_{ij}, \qq
                       r"\text{'s response tokens}")
 
 
-# Concept Influence measured over an answer-start window (``ScoreConfig.concept_window``) is its
-# own entry in every view: its key is ``concept_influence@start<K>``.
-VARIANT_SEP = "@start"
+# Concept Influence measured over an answer-start window is its own entry in every view, under its
+# method key ``concept_influence@start<K>`` (see cinf_core.method_keys).
 WINDOW_COLOR = "#8C510A"
 WINDOW_FORMULA = (r"\mathrm{CI}_K(z_i) = -\nabla_\theta f_c^\top\,(H+\lambda I)^{-1}\,"
                   r"\nabla_\theta L(z_i),\quad f_c = \tfrac{1}{|W|}\textstyle\sum_{t \in W} "
                   r"h_{l,t}\cdot\hat v,\ W = \{r_0-1, \dots, r_0+K-2\}")
-
-
-def run_method(method: str, config: Mapping | None) -> str:
-    """The method key the app shows for a run: its method, or Concept Influence's window variant."""
-    window = (config or {}).get("concept_window")
-    if method == "concept_influence" and window:
-        return f"{method}{VARIANT_SEP}{int(window)}"
-    return method
-
-
-def split_method(key: str) -> tuple[str, int | None]:
-    """``(engine method, answer-start window or None)`` of a method key."""
-    base, sep, window = key.partition(VARIANT_SEP)
-    return (base, int(window)) if sep and window.isdigit() else (key, None)
-
 
 def method_label(method: str) -> str:
     base, window = split_method(method)
@@ -254,7 +241,7 @@ def runs_table(runs: pd.DataFrame, concepts: pd.DataFrame | None = None,
     out["trait"] = [run_trait(cfg, name) for cfg, name in zip(configs, names)]
     out["dataset"] = [dataset_names.get(d, d) for d in out["dataset_id"]]
     out["engine_method"] = out["method"]
-    out["method"] = [run_method(m, cfg) for m, cfg in zip(out["method"], configs)]
+    out["method"] = [method_key(m, cfg) for m, cfg in zip(out["method"], configs)]
     out["method_label"] = [method_label(m) for m in out["method"]]
     out["label"] = [f"{method_label(m)} · {t} · {d} · {r[:6]}"
                     for m, t, d, r in zip(out["method"], out["trait"], out["dataset"],

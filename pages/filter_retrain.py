@@ -28,7 +28,7 @@ def launch_form() -> None:
     with st.form("fr:new"):
         f1, f2 = st.columns(2)
         trait = f1.selectbox("Trait", traits) if traits else f1.text_input("Trait", "evil")
-        methods = f2.multiselect("Methods", ui_data.METHOD_ORDER,
+        methods = f2.multiselect("Methods", ui_data.RETRAIN_METHODS,
                                  default=["concept_influence", "influence_function",
                                           "vector_filter", "random"],
                                  format_func=ui_data.method_label)
@@ -37,17 +37,11 @@ def launch_form() -> None:
         fractions = f4.multiselect("Fractions removed", [0.1, 0.25, 0.5, 0.75, 0.9],
                                    default=[0.1, 0.25, 0.5, 0.75, 0.9])
         seeds = f5.number_input("Seeds", min_value=1, max_value=5, value=3)
-        window = st.number_input(
-            "Concept Influence: answer-start window (tokens; 0 = all response tokens)",
-            min_value=0, max_value=64, value=0,
-            help="Rank Concept Influence with the concept measured where each test answer starts "
-                 "(its last prompt token and first K-1 answer tokens). A separate experiment.")
         submitted = st.form_submit_button("Prepare experiment")
     if submitted:
         st.session_state["fr:args"] = {"trait": trait, "methods": methods, "modes": modes,
                                        "fractions": sorted(fractions),
-                                       "seeds": list(range(int(seeds))),
-                                       "concept_window": int(window) or None}
+                                       "seeds": list(range(int(seeds)))}
     args = st.session_state.get("fr:args")
     if args:
         n = len(args["methods"]) * len(args["modes"]) * len(args["fractions"]) * len(args["seeds"])
@@ -71,25 +65,13 @@ if cells.empty:
 
 experiments = cells.groupby(["experiment_id", "trait"]).size().reset_index(name="n")
 options = list(experiments.itertuples(index=False))
-windows = {e.experiment_id: (sh.read("get_meta", f"retrain:{e.experiment_id}") or {}).get("concept_window")
-           for e in options}
-
-
-def _experiment_label(e) -> str:
-    window = windows[e.experiment_id]
-    return (f"{e.trait} · {e.experiment_id[:8]} · {e.n} cells"
-            + (f" · CI over the answer start ({window} tok)" if window else ""))
-
-
 c1, c2 = st.columns([2, 1])
-exp = c1.selectbox("Experiment", options, key="fr:exp", format_func=_experiment_label)
+exp = c1.selectbox("Experiment", options, key="fr:exp",
+                   format_func=lambda e: f"{e.trait} · {e.experiment_id[:8]} · {e.n} cells")
 value = c2.radio("Measure", ["trait_score", "capability"], horizontal=True, key="fr:value",
                  format_func={"trait_score": "Trait score", "capability": "Capability"}.get)
 sel = cells[cells["experiment_id"] == exp.experiment_id]
 done = sel[sel["status"].fillna("complete") == "complete"]
-if windows[exp.experiment_id]:  # its Concept Influence cells are the answer-start variant
-    done = done.assign(method=[ui_data.run_method(m, {"concept_window": windows[exp.experiment_id]})
-                               for m in done["method"]])
 running = int((sel["status"] == "running").sum())
 st.caption(f"{len(done)} cells complete" + (f", {running} running" if running else "")
            + ". Trait score: judge score 0–100 on held-out questions; capability: next-token "

@@ -26,7 +26,10 @@ def test_kept_indices():
     with pytest.raises(ValueError, match="unknown method"):
         RetrainConfig(trait="evil", methods=("magic",))
     with pytest.raises(ValueError, match="concept_window must be a whole number of tokens >= 1"):
-        RetrainConfig(trait="evil", concept_window=0)
+        RetrainConfig(trait="evil", methods=("concept_influence@start0",))
+    with pytest.raises(ValueError, match="concept_window applies to concept_influence only"):
+        RetrainConfig(trait="evil", methods=("vector_filter@start3",))
+    assert RetrainConfig(trait="evil", methods=("concept_influence@start3",)).methods
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         run_grid("no-such-workspace", RetrainConfig(trait="evil"), workers=0)
 
@@ -94,9 +97,9 @@ def test_two_workers_split_the_grid(quick_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_concept_window_ranks_concept_influence_in_its_own_experiment(quick_world, tmp_path):
-    """A windowed Concept Influence is its own scored run and its own retrain experiment; the
-    default run and experiment keep the keys they had before the option existed."""
+def test_answer_start_concept_influence_is_its_own_run_and_ranking(quick_world, tmp_path):
+    """``concept_influence@start2`` ranks by its own scored run (the plain run keeps the key it had
+    before the option existed) inside the same experiment as every other method."""
     from cinf_core.methods.runner import ScoreConfig, plan
 
     ws = copy_workspace(quick_world, tmp_path / "ws")
@@ -106,14 +109,12 @@ def test_concept_window_ranks_concept_influence_in_its_own_experiment(quick_worl
     assert "concept_window" not in default.run_config and windowed.run_config["concept_window"] == 2
     assert default.run_id != windowed.run_id
     whole = ranked_indices(store, "concept_influence", "evil", 0, None)
-    start = ranked_indices(store, "concept_influence", "evil", 0, None, concept_window=2)
+    start = ranked_indices(store, "concept_influence@start2", "evil", 0, None)
     assert sorted(whole) == sorted(start) and whole != start
     assert set(store.runs()["run_id"]) >= {default.run_id, windowed.run_id}
-    # other methods ignore the window: Vector Filter ranks the same in both experiments
-    assert ranked_indices(store, "vector_filter", "evil", 0, None, concept_window=2) == \
-        ranked_indices(store, "vector_filter", "evil", 0, None)
     env = environment(store)
-    ids = {experiment_id(store, RetrainConfig(trait="evil", concept_window=w), env) for w in (None, 2, 3)}
-    assert len(ids) == 3
+    ids = {experiment_id(store, RetrainConfig(trait="evil", methods=m), env)
+           for m in (("concept_influence",), ("concept_influence@start2", "random"))}
+    assert len(ids) == 1
     with pytest.raises(ValueError, match="concept_window applies to concept_influence only"):
         ScoreConfig(method="vector_filter", trait="evil", concept_window=2)

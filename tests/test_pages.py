@@ -208,8 +208,8 @@ def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
 
 
 def test_filter_retrain_names_an_answer_start_experiment(monkeypatch, workspace, tmp_path):
-    """An experiment that ranked Concept Influence over the answer start says so in its label,
-    its legend and its formula."""
+    """Cells ranked by Concept Influence over the answer start are their own curve, named and
+    explained as such, in the same experiment as the other methods."""
     import shutil
 
     from cinf_core.store import Store
@@ -218,16 +218,13 @@ def test_filter_retrain_names_an_answer_start_experiment(monkeypatch, workspace,
     shutil.copytree(workspace, ws)
     store = Store(ws)
     for cell in store.retrain_cells("exp-evil").to_dict(orient="records"):
-        if cell["method"] in ("base", "all", "concept_influence"):
-            store.add_retrain_cell("exp-window", cell)
-    store.set_meta("retrain:exp-window", {"trait": "evil", "concept_window": 3})
+        if cell["method"] == "concept_influence":
+            store.add_retrain_cell("exp-evil", {**cell, "method": "concept_influence@start3"})
     at = open_page(monkeypatch, ws, "pages/filter_retrain.py")
-    labels = at.selectbox(key="fr:exp").options
-    assert any("CI over the answer start (3 tok)" in o for o in labels)
-    at.selectbox(key="fr:exp").select_index(
-        [k for k, o in enumerate(labels) if "answer start" in o][0]).run()
     assert not at.exception
     assert any("Concept Influence (answer start, 3 tok)" in m.value for m in at.markdown)
+    assert "concept_influence@start3" in at.multiselect[0].options or \
+        "Concept Influence (answer start, 3 tok)" in at.multiselect[0].options
 
 
 def test_runs_cost_speedups(monkeypatch, workspace):

@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..method_keys import ANSWER_START_CI, method_key, split_method
 from ..store import Store
-from ..ui_data import VARIANT_SEP, run_method, split_method
 from .metrics import auc_pr, correlation_matrix
 
-ANSWER_START_WINDOW = 3
-"""The answer-start window of the Concept Influence variant every workspace is scored with. On the
-demo world K = 1, 3, 6 gave AUC-PR 0.897 / 0.912 / 0.891 (evil) and 0.671 / 0.729 / 0.657
-(sycophantic), against 0.731 / 0.556 over all response tokens."""
-RESULT_METHODS = ("influence_function", "concept_influence",
-                  f"concept_influence{VARIANT_SEP}{ANSWER_START_WINDOW}", "vector_filter",
+RESULT_METHODS = ("influence_function", "concept_influence", ANSWER_START_CI, "vector_filter",
                   "projection_difference", "grad_sim", "lexical", "random")
 """Method keys the results job scores for every trait (``concept_influence@start3``: Concept
 Influence over the answer-start window)."""
@@ -26,7 +21,7 @@ def latest_runs(store: Store, trait: str) -> dict[str, str]:
     for row in frame.to_dict(orient="records"):
         config = store.run(row["run_id"])["config"]
         if config.get("trait") == trait:
-            out[run_method(row["method"], config)] = row["run_id"]  # runs are ordered oldest first
+            out[method_key(row["method"], config)] = row["run_id"]  # runs are ordered oldest first
     return out
 
 

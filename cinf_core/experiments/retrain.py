@@ -32,6 +32,7 @@ import torch
 from .. import paths
 from ..data import ChatExample, collate, encode_dataset
 from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..method_keys import VARIANT_SEP, split_method
 from ..store import Store, config_hash
 
 DEFAULT_METHODS = ("influence_function", "concept_influence", "vector_filter",
@@ -51,19 +52,18 @@ class RetrainConfig:
     modes: tuple[str, ...] = MODES
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
-    concept_window: int | None = None
-    """Concept Influence ranks with the concept measured over the K positions where each test
-    answer starts (``ScoreConfig.concept_window``); None: over all response tokens"""
 
     def __post_init__(self):
         from ..methods.runner import METHODS, ScoreConfig
 
-        if self.concept_window is not None:  # the same check and message as a score request
-            ScoreConfig(method="concept_influence", trait=self.trait, concept_window=self.concept_window)
-
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if split_method(m)[0] not in METHODS]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}, or "
+                             f"concept_influence{VARIANT_SEP}K (Concept Influence over the answer start)")
+        for key in self.methods:  # a window gets the same check and message as a score request
+            method, window = split_method(key)
+            if window is not None:
+                ScoreConfig(method=method, trait=self.trait, concept_window=window)
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; use 'most' and/or 'least'")
@@ -150,14 +150,13 @@ def capability(lm: LoadedModel, examples: Sequence[ChatExample], max_length: int
     return 100.0 * hits / total
 
 
-def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: Progress,
-                   concept_window: int | None = None) -> list[int]:
-    """Example indices by descending score of ``method`` for ``trait`` (scoring it if needed);
-    ``concept_window`` applies to Concept Influence only."""
+def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: Progress) -> list[int]:
+    """Example indices by descending score of ``method`` (a method key: ``concept_influence@start3``
+    is Concept Influence over the answer start) for ``trait``, scoring it if needed."""
     from ..methods.runner import ScoreConfig, score
 
-    cfg = ScoreConfig(method=method, trait=trait, seed=seed,
-                      concept_window=concept_window if method == "concept_influence" else None)
+    name, window = split_method(method)
+    cfg = ScoreConfig(method=name, trait=trait, seed=seed, concept_window=window)
     run_id = score(store.workspace, cfg, progress=progress)["run_id"]
     frame = store.scores(run_id)
     return frame.sort_values("score", ascending=False, kind="stable")["idx"].astype(int).tolist()
@@ -183,16 +182,13 @@ def _grid(cfg: RetrainConfig) -> list[dict]:
 
 
 def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
-    """Cells with the same trait, data, base model, recipe, evaluation and rankings share results
-    (an experiment ranking Concept Influence over an answer-start window is a separate one)."""
-    key = {"trait": cfg.trait, "data": env.train_dataset_id, "base": env.base_spec.model_id,
-           "lora": env.lora, "judge": env.judge_spec,
-           "eval": [env.eval_samples, env.eval_temperature, env.max_new_tokens, env.eval_seed,
-                    "merged"], "questions": env.heldout_questions,
-           "capability": len(env.capability_examples)}
-    if cfg.concept_window is not None:  # experiments stored before the option keep their ids
-        key["concept_window"] = cfg.concept_window
-    return config_hash(key)
+    """Cells with the same trait, data, base model, recipe and evaluation share results (each
+    method key is its own set of cells in it)."""
+    return config_hash({"trait": cfg.trait, "data": env.train_dataset_id,
+                        "base": env.base_spec.model_id, "lora": env.lora, "judge": env.judge_spec,
+                        "eval": [env.eval_samples, env.eval_temperature, env.max_new_tokens,
+                                 env.eval_seed, "merged"], "questions": env.heldout_questions,
+                        "capability": len(env.capability_examples)})
 
 
 def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
@@ -211,8 +207,6 @@ def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
     store = Store(workspace)
     env = environment(store)
     exp_id = experiment_id(store, cfg, env)
-    if store.get_meta(f"retrain:{exp_id}") is None:  # what the app labels the experiment with
-        store.set_meta(f"retrain:{exp_id}", {"trait": cfg.trait, "concept_window": cfg.concept_window})
     judge = make_judge(env.judge_spec)
     recipe = LoraRecipe.from_dict(env.lora)
     train = store.load_dataset(env.train_dataset_id).examples
@@ -226,7 +220,7 @@ def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
     def order(method: str, seed: int) -> list[int]:
         key = (method, seed if method == "random" else 0)
         if key not in orders:
-            orders[key] = ranked_indices(store, method, cfg.trait, key[1], None, cfg.concept_window)
+            orders[key] = ranked_indices(store, method, cfg.trait, key[1], None)
         return orders[key]
 
     helpers: list[tuple[subprocess.Popen, Path]] = []
@@ -292,8 +286,6 @@ def _start_helpers(workspace, cfg: RetrainConfig, n: int, work_dir: Path) -> lis
     cmd = [sys.executable, "-m", "cinf_core", "retrain", "--workspace", str(workspace), "--no-progress",
            "--trait", cfg.trait, "--methods", *cfg.methods, "--modes", *cfg.modes,
            "--fractions", *map(str, cfg.fractions), "--seeds", *map(str, cfg.seeds), "--workers", "1"]
-    if cfg.concept_window is not None:
-        cmd += ["--concept-window", str(cfg.concept_window)]
     env = dict(os.environ, CINF_THREADS="1", OMP_NUM_THREADS="1")
     helpers = []
     for i in range(n):
@@ -316,8 +308,7 @@ def summarize(store: Store, exp_id: str, cfg: RetrainConfig) -> dict:
     """Mean and standard error over seeds per (method, mode, fraction)."""
     frame = store.retrain_cells(exp_id)
     frame = frame[frame["status"] == "complete"]
-    out = {"trait": cfg.trait, "experiment_id": exp_id, "concept_window": cfg.concept_window,
-           "base": None, "finetuned": None,
+    out = {"trait": cfg.trait, "experiment_id": exp_id, "base": None, "finetuned": None,
            "cells": [], "n_cells_complete": int(len(frame)), "n_cells_total": len(_grid(cfg))}
     for (method, mode, fraction), group in frame.groupby(["method", "mode", "fraction"]):
         scores = group["trait_score"].to_numpy(dtype=float)
