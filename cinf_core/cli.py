@@ -405,13 +405,16 @@ def _features(p: argparse.ArgumentParser):
     p.add_argument("--sae", help="SAE name or id (default: the newest)")
     p.add_argument("--dataset", default="train")
     p.add_argument("--model", default="finetuned")
-    p.add_argument("--trait", action="append", help="attribute this trait's IF and CI runs (default: all)")
+    p.add_argument("--trait", action="append",
+                   help="attribute this trait's IF and CI runs, CI over the answer start included "
+                        "(default: all traits)")
     p.add_argument("--top", type=int, default=10)
 
     def run(args):
         from .concepts.features import (attribute_run_to_features, compute_feature_data,
                                         trait_share)
         from .experiments.evaluate import latest_runs
+        from .method_keys import FIGURE4_METHODS
         from .methods.runner import cached_model
         from .store import Store
 
@@ -430,7 +433,7 @@ def _features(p: argparse.ArgumentParser):
         shares = {}
         for trait in args.trait or store.traits():
             runs = latest_runs(store, trait)
-            for method in ("influence_function", "concept_influence"):
+            for method in FIGURE4_METHODS:
                 if method in runs:
                     top = attribute_run_to_features(args.workspace, runs[method], sae, k=args.top)
                     shares.setdefault(trait, {})[method] = {

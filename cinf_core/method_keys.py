@@ -14,6 +14,8 @@ ANSWER_START_WINDOW = 3
 world K = 1, 3, 6 gave AUC-PR 0.897 / 0.912 / 0.891 (evil) and 0.671 / 0.729 / 0.657
 (sycophantic), against 0.731 / 0.556 over all response tokens."""
 ANSWER_START_CI = f"concept_influence{VARIANT_SEP}{ANSWER_START_WINDOW}"
+FIGURE4_METHODS = ("influence_function", "concept_influence", ANSWER_START_CI)
+"""Method keys whose runs are attributed to SAE features (Figure 4)."""
 
 
 def method_key(method: str, config: Mapping | None = None) -> str:

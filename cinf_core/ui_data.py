@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
-from .method_keys import ANSWER_START_CI, VARIANT_SEP, method_key, split_method  # noqa: F401
+from .method_keys import ANSWER_START_CI, FIGURE4_METHODS, VARIANT_SEP, method_key, split_method  # noqa: F401
 
 # ---------------------------------------------------------------- methods: names, colours, formulas
 
@@ -107,6 +107,12 @@ def method_label(method: str) -> str:
     base, window = split_method(method)
     label = METHOD_LABELS.get(base, base.replace("_", " ").capitalize())
     return label if window is None else f"{label} (answer start, {window} tok)"
+
+
+def score_flags(method: str) -> str:
+    """The ``score`` command's flags that produce a run of this method key."""
+    base, window = split_method(method)
+    return f"--method {base}" + (f" --concept-window {window}" if window is not None else "")
 
 
 def method_short(method: str) -> str:

@@ -9,7 +9,7 @@ import streamlit as st
 from cinf_core import ui_data
 from pages import _shared as sh
 
-FIG4_METHODS = ("influence_function", "concept_influence")
+FIG4_METHODS = ui_data.FIGURE4_METHODS
 HIGHLIGHT_EXAMPLES = 5  # top examples highlighted token by token (one forward pass each)
 
 sh.header("SAE features", "Figure 4: the SAE features through which the training data drives "
@@ -121,7 +121,8 @@ def figure4() -> None:
             st.markdown(f"**{ui_data.method_label(method)}**")
             if method not in have:
                 sh.empty_state(f"No {ui_data.method_label(method)} attributions for this trait.",
-                               f"score with `{method}`, then run `python -m cinf_core features`.")
+                               f"score with `{ui_data.score_flags(method)}`, then run "
+                               "`python -m cinf_core features`.")
                 continue
             top = ui_data.feature_influence(have[method], top_n, trait_label)
             order = [feature_name(j) for j in top.drop_duplicates("feature")["feature"]]

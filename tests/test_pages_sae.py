@@ -190,6 +190,9 @@ def test_trait_share_is_the_clis_definition(monkeypatch, sae_workspace):
                                                              "concept_influence")]
     assert shares == want
     assert at.get("latex"), "IF and CI are explained with their formulas beside Figure 4"
+    # Concept Influence over the answer start is Figure 4's third column; unscored, it says how
+    assert "Concept Influence (answer start, 3 tok)" in " ".join(str(m.value) for m in at.markdown)
+    assert any("--method concept_influence --concept-window 3" in i.value for i in at.info)
     # The fixture's mixed-sign IF run tells the CLI's share from the per-group-total one.
     top = tops["influence_function"]
     per_group = top[["evil", "normal"]].sum()

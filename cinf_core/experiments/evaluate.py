@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..method_keys import ANSWER_START_CI, method_key, split_method
+from ..method_keys import ANSWER_START_CI, FIGURE4_METHODS, method_key, split_method
 from ..store import Store
 from .metrics import auc_pr, correlation_matrix
 
@@ -90,7 +90,7 @@ def compute_results(workspace, progress=None) -> dict:
         lm = cached_model(store.get_model("finetuned")["spec"])
         compute_feature_data(workspace, lm, sae, dataset="train", progress=progress)
         for trait, by_method in runs.items():
-            for method in ("influence_function", "concept_influence"):
+            for method in FIGURE4_METHODS:
                 top = attribute_run_to_features(workspace, by_method[method], sae, k=10)
                 figure4.setdefault(trait, {})[method] = {
                     "trait_share_top10": trait_share(top, trait),
