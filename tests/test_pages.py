@@ -207,7 +207,7 @@ def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
     assert "retrained models" in texts(at)
 
 
-def test_filter_retrain_names_an_answer_start_experiment(monkeypatch, workspace, tmp_path):
+def test_filter_retrain_draws_concept_influence_over_the_answer_start(monkeypatch, workspace, tmp_path):
     """Cells ranked by Concept Influence over the answer start are their own curve, named and
     explained as such, in the same experiment as the other methods."""
     import shutil
