@@ -404,7 +404,8 @@ def _bench_distributed(args, bench_distributed) -> dict:
 def _features(p: argparse.ArgumentParser):
     p.add_argument("--sae", help="SAE name or id (default: the newest)")
     p.add_argument("--dataset", default="train")
-    p.add_argument("--model", default="finetuned")
+    p.add_argument("--model", help="model name, id or role the SAE reads (default: the model on "
+                                   "the SAE's row, else the fine-tuned one)")
     p.add_argument("--trait", action="append",
                    help="attribute this trait's IF and CI runs, CI over the answer start included "
                         "(default: all traits)")
@@ -412,7 +413,7 @@ def _features(p: argparse.ArgumentParser):
 
     def run(args):
         from .concepts.features import (attribute_run_to_features, compute_feature_data,
-                                        trait_share)
+                                        sae_model_spec, trait_share)
         from .experiments.evaluate import latest_runs
         from .method_keys import FIGURE4_METHODS
         from .methods.runner import cached_model
@@ -423,7 +424,8 @@ def _features(p: argparse.ArgumentParser):
         if saes.empty:
             raise ValueError("no SAE in this workspace; build the demo world or register one")
         sae = args.sae or saes["sae_id"].iloc[-1]
-        lm = cached_model(store.get_model(args.model)["spec"])
+        spec = store.get_model(args.model)["spec"] if args.model else sae_model_spec(args.workspace, sae)
+        lm = cached_model(spec)
         progress = Progress(not args.no_progress)
         try:
             summary = compute_feature_data(args.workspace, lm, sae, dataset=args.dataset,

@@ -92,3 +92,14 @@ def test_an_unexpected_error_still_ends_with_a_json_line(tmp_path, capsys, monke
     assert last == {"error": "ZeroDivisionError: division by zero", "command": "datasets",
                     "unexpected": True}
     assert "Traceback" in captured.err
+
+
+def test_features_reads_the_model_on_the_saes_row(tmp_path, capsys):
+    """Without --model, `features` loads the model the SAE was registered on (not 'finetuned')."""
+    from cinf_core.store import Store
+
+    ws = tmp_path / "ws"
+    Store(ws).add_sae("sae-x", tmp_path / "absent", 1, "model-it-was-trained-on")
+    assert main(["features", "--workspace", str(ws), "--no-progress"]) == 2
+    err = _last_json(capsys)["error"]
+    assert "records no model the workspace knows" in err and "model-it-was-trained-on" in err

@@ -78,7 +78,8 @@ def compute_results(workspace, progress=None) -> dict:
     """Everything the pages show for a workspace: every method scored for every trait, the SAE
     feature data and Figure 4 attributions (when an SAE is registered), and the evaluation
     (stored in meta ``evaluation``)."""
-    from ..concepts.features import attribute_run_to_features, compute_feature_data, trait_share
+    from ..concepts.features import (attribute_run_to_features, compute_feature_data,
+                                     sae_model_spec, trait_share)
     from ..methods.runner import cached_model
 
     store = Store(workspace)
@@ -87,7 +88,7 @@ def compute_results(workspace, progress=None) -> dict:
     saes = store.saes()
     if not saes.empty:
         sae = saes["sae_id"].iloc[-1]
-        lm = cached_model(store.get_model("finetuned")["spec"])
+        lm = cached_model(sae_model_spec(workspace, sae))
         compute_feature_data(workspace, lm, sae, dataset="train", progress=progress)
         for trait, by_method in runs.items():
             for method in FIGURE4_METHODS:
