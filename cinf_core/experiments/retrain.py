@@ -31,8 +31,8 @@ import torch
 
 from .. import paths
 from ..data import ChatExample, collate, encode_dataset
-from ..models import LoadedModel, ModelSpec, generate, load_model
 from ..method_keys import VARIANT_SEP, split_method
+from ..models import LoadedModel, ModelSpec, generate, load_model
 from ..store import Store, config_hash
 
 DEFAULT_METHODS = ("influence_function", "concept_influence", "vector_filter",
