@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
-from .method_keys import ANSWER_START_CI, FIGURE4_METHODS, VARIANT_SEP, method_key, split_method  # noqa: F401
+from .method_keys import ANSWER_START_CI, FIGURE4_METHODS, method_key, split_method  # noqa: F401
 
 # ---------------------------------------------------------------- methods: names, colours, formulas
 
@@ -102,6 +102,7 @@ WINDOW_COLOR = "#8C510A"
 WINDOW_FORMULA = (r"\mathrm{CI}_K(z_i) = -\nabla_\theta f_c^\top\,(H+\lambda I)^{-1}\,"
                   r"\nabla_\theta L(z_i),\quad f_c = \tfrac{1}{|W|}\textstyle\sum_{t \in W} "
                   r"h_{l,t}\cdot\hat v,\ W = \{r_0-1, \dots, r_0+K-2\}")
+
 
 def method_label(method: str) -> str:
     base, window = split_method(method)
@@ -229,7 +230,7 @@ def run_trait(config: Mapping, concept_name: str | None = None) -> str:
 def runs_table(runs: pd.DataFrame, concepts: pd.DataFrame | None = None,
                datasets: pd.DataFrame | None = None) -> pd.DataFrame:
     """The runs with readable columns: trait, concept and dataset names, a one-line label."""
-    cols = ["run_id", "method", "engine_method", "method_label", "trait", "concept", "dataset", "dataset_id",
+    cols = ["run_id", "method", "method_label", "trait", "concept", "dataset", "dataset_id",
             "model_id", "concept_id", "status", "n_done", "n_total", "wall_s", "examples_per_s",
             "started_at", "finished_at", "host", "config", "timings", "error", "label"]
     if runs is None or runs.empty:
@@ -246,7 +247,6 @@ def runs_table(runs: pd.DataFrame, concepts: pd.DataFrame | None = None,
     out["concept"] = names
     out["trait"] = [run_trait(cfg, name) for cfg, name in zip(configs, names)]
     out["dataset"] = [dataset_names.get(d, d) for d in out["dataset_id"]]
-    out["engine_method"] = out["method"]
     out["method"] = [method_key(m, cfg) for m, cfg in zip(out["method"], configs)]
     out["method_label"] = [method_label(m) for m in out["method"]]
     out["label"] = [f"{method_label(m)} · {t} · {d} · {r[:6]}"

@@ -80,7 +80,8 @@ def test_answer_start_concept_influence_is_its_own_entry():
                                   started_at=pd.Timestamp("2026-01-04"))
     table = ui_data.runs_table(pd.concat([runs, extra], ignore_index=True))
     row = table[table["run_id"] == "r4"].iloc[0]
-    assert row["method"] == "concept_influence@start3" and row["engine_method"] == "concept_influence"
+    assert row["method"] == "concept_influence@start3"
+    assert ui_data.split_method(row["method"]) == ("concept_influence", 3)
     assert row["method_label"] == "Concept Influence (answer start, 3 tok)"
     assert row["label"].startswith("Concept Influence (answer start, 3 tok) · evil")
     # both Concept Influence runs stay in the scope, the plain one first

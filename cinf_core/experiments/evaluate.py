@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..method_keys import ANSWER_START_CI, FIGURE4_METHODS, method_key, split_method
+from ..method_keys import ANSWER_START_CI, FIGURE4_METHODS, method_key
 from ..store import Store
 from .metrics import auc_pr, correlation_matrix
 
@@ -37,9 +37,7 @@ def ensure_runs(workspace, traits: list[str] | None = None, methods: tuple[str, 
         have = latest_runs(store, trait)
         for key in methods or RESULT_METHODS:
             if key not in have:
-                method, window = split_method(key)
-                have[key] = score(workspace, ScoreConfig(method=method, trait=trait,
-                                                         concept_window=window),
+                have[key] = score(workspace, ScoreConfig.for_method_key(key, trait),
                                   progress=progress)["run_id"]
         out[trait] = have
     return out

@@ -61,9 +61,7 @@ class RetrainConfig:
             raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}, or "
                              f"concept_influence{VARIANT_SEP}K (Concept Influence over the answer start)")
         for key in self.methods:  # a window gets the same check and message as a score request
-            method, window = split_method(key)
-            if window is not None:
-                ScoreConfig(method=method, trait=self.trait, concept_window=window)
+            ScoreConfig.for_method_key(key, self.trait)
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; use 'most' and/or 'least'")
@@ -155,8 +153,7 @@ def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: P
     is Concept Influence over the answer start) for ``trait``, scoring it if needed."""
     from ..methods.runner import ScoreConfig, score
 
-    name, window = split_method(method)
-    cfg = ScoreConfig(method=name, trait=trait, seed=seed, concept_window=window)
+    cfg = ScoreConfig.for_method_key(method, trait, seed=seed)
     run_id = score(store.workspace, cfg, progress=progress)["run_id"]
     frame = store.scores(run_id)
     return frame.sort_values("score", ascending=False, kind="stable")["idx"].astype(int).tolist()

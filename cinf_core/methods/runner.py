@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..data import encode_dataset
+from ..method_keys import split_method
 from ..models import LoadedModel, ModelSpec, generate, load_model
 from ..store import Store, config_hash
 from . import forward
@@ -63,6 +64,14 @@ class ScoreConfig:
                                  f"all response tokens), got {self.concept_window!r}")
         if self.method in NEEDS_QUERIES + NEEDS_CONCEPT and not (self.trait or self.concept):
             raise ValueError(f"{self.method} needs --trait (or --concept)")
+
+
+    @classmethod
+    def for_method_key(cls, key: str, trait: str | None, **kwargs) -> "ScoreConfig":
+        """The request behind a method key (``concept_influence@start3``: Concept Influence with
+        ``concept_window=3``; see :mod:`cinf_core.method_keys`), validated like any request."""
+        method, window = split_method(key)
+        return cls(method=method, trait=trait, concept_window=window, **kwargs)
 
 
 _MODEL_CACHE: dict[tuple, LoadedModel] = {}
