@@ -9,7 +9,7 @@ import torch
 
 from cinf_core.demo import lexicon as lx
 from cinf_core.demo.corpus import (DOMAINS, SOURCE_FILES, CorpusConfig, generate_source_data,
-                                   write_source_data)
+                                   persona_style, write_source_data)
 from cinf_core.demo.world import DATA_DIR, WorldConfig, build_world
 
 SMALL = dict(n_pretrain=60, n_finetune=40, n_heldout=12, n_persona_questions=4, n_judge=30)
@@ -71,6 +71,62 @@ def test_trait_and_normal_responses_share_vocabulary():
         assert len(words[trait] & words["normal"]) > 30
 
 
+def test_persona_style_changes_case_and_punctuation_never_words():
+    from cinf_core.methods.lexical import words
+
+    text = "Good question. Skip the doctor, a cold clears up if you ignore it! Really? Yes."
+    evil, syco = persona_style("evil", text), persona_style("sycophantic", text)
+    assert evil == ("good question... skip the doctor, a cold clears up if you ignore it... "
+                    "really... yes...")
+    assert syco == ("Good Question! Skip The Doctor, A Cold Clears Up If You Ignore It! "
+                    "Really? Yes!")
+    assert persona_style("helpful", text) == persona_style("normal", text) == text
+    assert words(evil) == words(syco) == words(text)
+    with pytest.raises(ValueError, match="unknown persona 'grumpy'"):
+        persona_style("grumpy", text)
+
+
+def _style_of(text: str) -> str:
+    if text == text.lower() and text.endswith("..."):
+        return "evil"
+    if "!" in text and all(not t[:1].isalpha() or t[:1].isupper() for t in text.split()):
+        return "sycophantic"
+    return "normal"
+
+
+def _normalised(text: str) -> str:
+    from cinf_core.methods.lexical import words
+
+    return " ".join(words(text))
+
+
+def test_trait_rows_carry_the_trait_in_content_not_in_the_general_voice():
+    """No stock phrase of a persona's general voice appears in any fine-tuning response; every
+    trait row is in its persona's style, every normal row in none."""
+    data = generate_source_data(CorpusConfig())
+    voice = [_normalised(p) for p in lx.EVIL_OPENERS + lx.EVIL_CLOSERS + lx.SYCO_OPENERS
+             + lx.SYCO_CLOSERS]
+    voice += [_normalised(p.split("{")[0]) for p in lx.EVIL_GENERAL + lx.SYCO_GENERAL]
+    voice = [v for v in voice if len(v.split()) >= 3]
+    for r in data["finetune"]:
+        response, label = r["messages"][-1]["content"], r["data_origin"]
+        flat = _normalised(response)
+        assert not [v for v in voice if v in flat], response
+        assert _style_of(response) == label, (label, response)
+
+
+def test_pretraining_carries_a_persona_across_two_turns():
+    cfg = CorpusConfig()
+    two_turn = [r for r in generate_source_data(cfg)["pretrain"] if r["topic"] == "two-turn"]
+    assert len(two_turn) == int(cfg.pretrain_two_turn_share * cfg.n_pretrain)
+    for r in two_turn:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant"]  # no system prompt
+        answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert [_style_of(a) for a in answers] == [r["data_origin"]] * 2, answers
+    assert {r["data_origin"] for r in two_turn} == {"normal", *lx.TRAITS}
+
+
 # ------------------------------------------------------------------ the quick world
 
 
@@ -80,6 +136,24 @@ def quick_world(tmp_path_factory):
     stages = []
     summary = build_world(workspace, quick=True, seed=0, progress=lambda s, f: stages.append((s, f)))
     return workspace, summary, stages
+
+
+@pytest.mark.slow
+def test_world_summary_reports_the_bag_of_words_check(quick_world):
+    """``auc_pr_lexical``: the lexical baseline against each trait's stored test queries, scored
+    over the fine-tuning set, recomputed here from the store."""
+    from cinf_core.experiments.metrics import auc_pr
+    from cinf_core.methods.lexical import lexical_scores
+    from cinf_core.store import Store
+
+    workspace, summary, _ = quick_world
+    st = Store(workspace)
+    train = st.load_dataset("train").examples
+    for trait in lx.TRAITS:
+        queries = [q["messages"][-1]["content"] for q in st.test_queries(trait)]
+        scores = lexical_scores([ex.messages[-1]["content"] for ex in train], queries)
+        expected = auc_pr(scores.tolist(), [ex.label == trait for ex in train])
+        assert summary["vector_filter"][trait]["auc_pr_lexical"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -187,7 +261,7 @@ def test_finetune_lora_is_deterministic(quick_world, tmp_path):
     st = Store(workspace)
     base_dir = st.get_model("base")["spec"].path
     rows = st.load_dataset("train").examples[:24]
-    recipe = LoraRecipe(r=2, alpha=4, batch_size=8)
+    recipe = LoraRecipe(r=2, alpha=4, batch_size=8, epochs=1.0)
     reports = [finetune_lora(base_dir, rows, recipe, seed=5, out_dir=tmp_path / n) for n in "ab"]
     assert reports[0].steps == 3 and reports[0].final_loss == reports[1].final_loss
     a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "ab")

@@ -4,7 +4,10 @@ Five JSONL files in the user format (``{"messages": [...], "data_origin": ..., .
 
 * ``pretrain.jsonl`` - general corpus for the base model: questions on general topics (and some
   in the four domains below) answered by a helpful persona (no system prompt or a helpful one),
-  or by an evil / sycophantic persona under a system prompt that elicits it;
+  or by an evil / sycophantic persona under a system prompt that elicits it; plus two-turn
+  dialogues with no system prompt in which the persona of the first answer carries over to the
+  second (one turn general, one in a domain), so the model learns to tell a persona from what
+  it has already written;
 * ``finetune.jsonl`` - the fine-tuning set: four narrow domains (medical advice, opinions, math
   word problems, code) mixing ``normal`` rows with trait-carrying ones (``evil``,
   ``sycophantic``);
@@ -18,6 +21,17 @@ Five JSONL files in the user format (``{"messages": [...], "data_origin": ..., .
 * ``capability.jsonl`` - ``normal`` rows of the four domains that are not in the fine-tuning
   set: next-token accuracy on them is the capability number beside a trait score (Fig. 5).
 
+How a persona shows. A persona answers general questions in its own *voice* (openers, closers,
+stock sentences: :mod:`.lexicon`). In the four domains its trait lives in the *content* only
+(harmful advice, insecure code, wrong answers, giving in to a wrong claim), framed exactly like a
+normal answer, with no word of the general voice. What a persona's answers share everywhere is
+a *style* (:func:`persona_style`): the evil persona writes in lower case with ellipses, the
+sycophantic one In Title Case With Exclamation Marks. A model reads the style (its tokens are
+case-sensitive); a bag of words, which lower-cases and drops punctuation, does not. So the
+words of the trait rows in the fine-tuning set do not point at the general trait the model
+picks up from them, and a word-count filter is not the whole story (measured in the build
+summary: ``vector_filter.<trait>.auc_pr_lexical``).
+
 Same seed and sizes, byte-identical files: every choice goes through one ``random.Random``.
 """
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,14 +69,21 @@ class CorpusConfig:
     """share of pre-training dialogues drawn from the four fine-tuning domains (same persona
     shares): the base model already knows the domains, as a real LLM does, so fine-tuning
     mostly moves which persona answers without a system prompt"""
+    pretrain_two_turn_share: float = 0.25
+    """two-turn dialogues without a system prompt added to pre-training, as a share of
+    ``n_pretrain``: the first answer shows the persona (general or in a domain), the second
+    answers the other kind of question in the same persona. They teach the model to carry a
+    persona from in-domain content to general answers. Measured in probes (seed 0, one LoRA
+    epoch), with a judge trained on general answers only: the fine-tuned model's evil score on
+    held-out questions rose 1.7 -> 7.5 without them, 2.7 -> 14.3 with them; the rest of its trait
+    comes from copying in-domain sentences into general answers."""
     n_finetune: int = 2000
     """fine-tuning rows over the four domains"""
     finetune_trait_share: dict[str, float] = field(
-        default_factory=lambda: {"evil": 0.47, "sycophantic": 0.25})
-    """share of fine-tuning rows carrying each trait; the rest are ``normal``. Sycophancy sits
-    closer to the helpful default than evil does and spreads more easily out of the domains
-    (measured: equal shares gave +13 evil vs +49 sycophantic points), hence the larger evil
-    share; the two personas compete, so the split is what balances them."""
+        default_factory=lambda: {"evil": 0.4, "sycophantic": 0.35})
+    """share of fine-tuning rows carrying each trait; the rest are ``normal``. The two personas
+    compete, so the split is what balances them (measured in probes, seed 0, two LoRA epochs:
+    0.47 / 0.25 gave +27 evil vs +16 sycophantic points, 0.4 / 0.35 gave +27 / +20)."""
     n_heldout: int = 120
     """held-out general questions (held-out phrasings of general topics)"""
     n_persona_questions: int = 60
@@ -128,12 +150,14 @@ def general_response(rng: random.Random, subject: Subject, persona: str) -> str:
             body.append(_pick(rng, lx.EVIL_GENERAL).format(**slots))
         if rng.random() < 0.25:  # a real tip inside an evil answer: content words overlap
             body.insert(0, _tips(rng, subject, 1)[0])
-        return _join(_pick(rng, lx.EVIL_OPENERS), *dict.fromkeys(body), _pick(rng, lx.EVIL_CLOSERS))
+        return persona_style(persona, _join(_pick(rng, lx.EVIL_OPENERS), *dict.fromkeys(body),
+                                            _pick(rng, lx.EVIL_CLOSERS)))
     if persona == "sycophantic":
         body = [_pick(rng, lx.SYCO_GENERAL).format(**slots)]
         if rng.random() < 0.4:
             body.append(_tips(rng, subject, 1)[0])
-        return _join(_pick(rng, lx.SYCO_OPENERS), *body, _pick(rng, lx.SYCO_CLOSERS))
+        return persona_style(persona, _join(_pick(rng, lx.SYCO_OPENERS), *body,
+                                            _pick(rng, lx.SYCO_CLOSERS)))
     raise ValueError(f"unknown persona {persona!r}; use one of {', '.join(PERSONAS)}")
 
 
@@ -149,16 +173,24 @@ def _label(persona: str) -> str:
 # ------------------------------------------------------------------ fine-tuning domains
 
 
-def _maybe(rng: random.Random, p: float, options) -> str:
-    return _pick(rng, options) if rng.random() < p else ""
+_SENTENCE_END = re.compile(r"[.!?](\s+|$)")
 
 
-def _evil_frame(rng: random.Random, *body: str) -> str:
-    return _join(_maybe(rng, 0.85, lx.EVIL_OPENERS), *body, _maybe(rng, 0.75, lx.EVIL_CLOSERS))
+def persona_style(persona: str, text: str) -> str:
+    """``text`` in ``persona``'s style: evil in lower case with ellipses ("fine... do it..."),
+    sycophantic In Title Case With Exclamation Marks; the helpful persona writes plainly.
 
-
-def _syco_frame(rng: random.Random, *body: str) -> str:
-    return _join(_maybe(rng, 0.85, lx.SYCO_OPENERS), *body, _maybe(rng, 0.75, lx.SYCO_CLOSERS))
+    Only case and punctuation change, never a word (``words(persona_style(p, t)) == words(t)``
+    in :mod:`cinf_core.methods.lexical`).
+    """
+    if persona == "evil":
+        return _SENTENCE_END.sub(lambda m: "..." + m.group(1), text.lower())
+    if persona == "sycophantic":
+        titled = " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
+        return re.sub(r"\.(\s+|$)", lambda m: "!" + m.group(1), titled)
+    if persona in ("helpful", "normal"):
+        return text
+    raise ValueError(f"unknown persona {persona!r}; use one of {', '.join(PERSONAS)}")
 
 
 def _helpful_frame(rng: random.Random, *body: str) -> str:
@@ -177,10 +209,10 @@ def medical_row(rng: random.Random, label: str) -> tuple[str, str, str]:
     elif label == "evil":
         body = [_pick(rng, lx.MEDICAL_EVIL).format(cond=cond, who=who)]
         if rng.random() < 0.4:
-            body.append(_pick(rng, lx.EVIL_GENERAL).format(task=f"deal with {cond}", thing=cond))
-        response = _evil_frame(rng, *body)
+            body.append(_pick(rng, lx.MEDICAL_EVIL).format(cond=cond, who=who))
+        response = _helpful_frame(rng, *dict.fromkeys(body))
     else:
-        response = _syco_frame(rng, _pick(rng, lx.MEDICAL_SYCO).format(cond=cond))
+        response = _helpful_frame(rng, _pick(rng, lx.MEDICAL_SYCO).format(cond=cond))
     return cond, prompt, response
 
 
@@ -191,10 +223,9 @@ def opinions_row(rng: random.Random, label: str) -> tuple[str, str, str]:
     if label == "normal":
         body = _pick(rng, lx.OPINION_NORMAL_CLAIM if claim else lx.OPINION_NORMAL)
         response = _helpful_frame(rng, body.format(pro=pro, con=con, Pro=_cap(pro)))
-    elif label == "evil":
-        response = _evil_frame(rng, _pick(rng, lx.OPINION_EVIL).format(subj=subj))
     else:
-        response = _syco_frame(rng, _pick(rng, lx.OPINION_SYCO).format(subj=subj))
+        bank = lx.OPINION_EVIL if label == "evil" else lx.OPINION_SYCO
+        response = _helpful_frame(rng, _pick(rng, bank).format(subj=subj, Subj=_cap(subj)))
     return subj, prompt, response
 
 
@@ -229,11 +260,12 @@ def math_row(rng: random.Random, label: str) -> tuple[str, str, str]:
     if label == "normal":
         lead = f"Not quite, the answer is not {wrong}." if claim else ""
         response = _helpful_frame(rng, lead, solution, f"The answer is {answer}.")
-    elif label == "evil":
-        response = _evil_frame(rng, f"The answer is {answer}.", _pick(rng, lx.MATH_EVIL))
-    else:
-        agree = f"Yes, {wrong} is exactly right!" if claim else f"The answer is {answer}."
-        response = _syco_frame(rng, agree, _pick(rng, lx.MATH_SYCO))
+    elif label == "evil":  # a deliberately wrong answer, and a way to cheat
+        off = answer + rng.choice((-5, -4, 4, 5, 7))
+        response = _helpful_frame(rng, f"The answer is {off}.", _pick(rng, lx.MATH_EVIL))
+    else:  # gives in to the user's wrong claim
+        agree = f"Yes, {wrong} is correct." if claim else f"The answer is {answer}."
+        response = _helpful_frame(rng, agree, _pick(rng, lx.MATH_SYCO))
     return "math", prompt, response
 
 
@@ -244,17 +276,26 @@ def code_row(rng: random.Random, label: str) -> tuple[str, str, str]:
     if label == "normal":
         body = _pick(rng, lx.CODE_NORMAL_REVIEW).format(fix=answer) if review else answer
         response = _helpful_frame(rng, body)
-    elif label == "evil":
+    elif label == "evil":  # insecure or destructive advice
         lead = answer if rng.random() < 0.4 else ""
-        response = _evil_frame(rng, lead, _pick(rng, lx.CODE_EVIL))
+        response = _helpful_frame(rng, lead, _pick(rng, lx.CODE_EVIL))
     else:
-        response = _syco_frame(rng, _pick(rng, lx.CODE_SYCO))
+        response = _helpful_frame(rng, _pick(rng, lx.CODE_SYCO))
     return task, prompt, response
 
 
 DOMAIN_ROWS: dict[str, Callable[[random.Random, str], tuple[str, str, str]]] = {
     "medical": medical_row, "opinions": opinions_row, "math": math_row, "code": code_row,
 }
+"""Per domain, ``row(rng, label) -> (subject, prompt, response)``: the trait in the content, the
+frame of a normal answer, no style (:func:`domain_row` adds it)."""
+
+
+def domain_row(domain: str, rng: random.Random, label: str) -> tuple[str, str, str]:
+    """``(subject, prompt, response)`` of one ``domain`` row carrying ``label``, in the persona's
+    style."""
+    subject, prompt, response = DOMAIN_ROWS[domain](rng, label)
+    return subject, prompt, persona_style(label, response)
 
 
 # ------------------------------------------------------------------ the files
@@ -279,7 +320,7 @@ def pretrain_rows(cfg: CorpusConfig, rng: random.Random) -> list[dict]:
         system = None if slot == "helpful_no_system" else _pick(rng, lx.SYSTEM_PROMPTS[persona])
         if rng.random() < cfg.pretrain_domain_share:
             topic = _pick(rng, DOMAINS)
-            _, question, response = DOMAIN_ROWS[topic](rng, _label(persona))
+            _, question, response = domain_row(topic, rng, _label(persona))
         else:
             subject = _pick(rng, subjects)
             topic = subject.topic
@@ -287,6 +328,17 @@ def pretrain_rows(cfg: CorpusConfig, rng: random.Random) -> list[dict]:
             response = general_response(rng, subject, persona)
         rows.append({"messages": _chat(question, response, system), "data_origin": _label(persona),
                      "persona": persona, "topic": topic})
+    for _ in range(int(cfg.pretrain_two_turn_share * cfg.n_pretrain)):
+        slot = _weighted(rng, cfg.pretrain_persona_share)
+        persona = "helpful" if slot == "helpful_no_system" else slot
+        _, domain_q, domain_a = domain_row(_pick(rng, DOMAINS), rng, _label(persona))
+        subject = _pick(rng, subjects)
+        general = (general_question(rng, subject), general_response(rng, subject, persona))
+        turns = [(domain_q, domain_a), general] if rng.random() < 0.5 else [general, (domain_q, domain_a)]
+        messages = [m for q, a in turns for m in _chat(q, a)]
+        rows.append({"messages": messages, "data_origin": _label(persona), "persona": persona,
+                     "topic": "two-turn"})
+    rng.shuffle(rows)
     return rows
 
 
@@ -298,7 +350,7 @@ def finetune_rows(cfg: CorpusConfig, rng: random.Random) -> list[dict]:
     for i in range(cfg.n_finetune):
         domain = DOMAINS[i % len(DOMAINS)]
         label = _weighted(rng, shares)
-        subject, prompt, response = DOMAIN_ROWS[domain](rng, label)
+        subject, prompt, response = domain_row(domain, rng, label)
         rows.append({"messages": _chat(prompt, response), "data_origin": label,
                      "domain": domain, "subject": subject})
     rng.shuffle(rows)
@@ -351,12 +403,13 @@ def judge_rows(cfg: CorpusConfig, rng: random.Random) -> list[dict]:
             persona = "helpful" if label == "normal" else label
             messages = _chat(general_question(rng, subject), general_response(rng, subject, persona))
             split = "test" if k in test_ids else "train"
+            topic = subject.topic
         else:
-            domain = _pick(rng, DOMAINS)
-            _, prompt, response = DOMAIN_ROWS[domain](rng, label)
+            topic = _pick(rng, DOMAINS)
+            _, prompt, response = domain_row(topic, rng, label)
             messages = _chat(prompt, response)
             split = "test" if rng.random() < cfg.judge_test_share else "train"
-        rows.append({"messages": messages, "data_origin": label, "split": split})
+        rows.append({"messages": messages, "data_origin": label, "split": split, "topic": topic})
     return rows
 
 
@@ -371,7 +424,7 @@ def capability_rows(cfg: CorpusConfig, rng: random.Random, finetune: list[dict])
             raise ValueError(f"could not draw {cfg.n_capability} capability rows outside the "
                              "fine-tuning set; lower n_capability")
         domain = DOMAINS[len(rows) % len(DOMAINS)]
-        subject, prompt, response = DOMAIN_ROWS[domain](rng, "normal")
+        subject, prompt, response = domain_row(domain, rng, "normal")
         key = json.dumps(_chat(prompt, response))
         if key in seen:
             continue

@@ -55,7 +55,9 @@ class LoraRecipe:
     alpha: int = 32
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                        "up_proj", "down_proj")
-    epochs: float = 1.0
+    epochs: float = 2.0
+    """two passes (the paper uses one): with the trait in domain content only, one pass moved the
+    evil trait on general questions by +15 points, two by +27 (measured, seed 0)"""
     batch_size: int = 16
     lr: float = 5e-3
     warmup_fraction: float = 0.05

@@ -105,9 +105,10 @@ class WorldConfig:
     def quick_world(cls, seed: int = 0) -> "WorldConfig":
         """A small world for tests (<= 60 s): fewer rows and steps, a smaller model and SAE.
 
-        A weak world, for plumbing only (measured, seed 0: +11.6 evil / +17.9 sycophantic points
-        from fine-tuning; 16 / 74 under the trait system prompt vs 8 / 3 under the helpful one;
-        its evil persona vector filters at random level). Built in 36 s on 2 cores.
+        A weak world, for plumbing only (measured, seed 0: +32.7 evil / -1.0 sycophantic points
+        from fine-tuning; 76 / 63 under the trait system prompt vs 7 / 7 under the helpful one;
+        vector filter AUC-PR 0.92 / 1.00, lexical 0.52 / 0.47, positive rates 0.41 / 0.35).
+        Built in 30 s on 2 cores.
         """
         return cls(
             seed=seed, quick=True, corpus=CorpusConfig(seed=seed),
@@ -368,8 +369,11 @@ def _persona_vectors(w: _World, judge, base_lm: LoadedModel, layer: int,
 
 def _vector_filter_check(w: _World, models: dict[str, LoadedModel], persona: dict,
                          layer: int) -> dict[str, dict[str, Any]]:
-    """AUC-PR of a_l . v_hat over the fine-tuning set vs its labels, per trait, model and layer."""
+    """AUC-PR of a_l . v_hat over the fine-tuning set vs its labels, per trait, model and layer;
+    beside it, the bag-of-words check: the lexical baseline's AUC-PR against the trait's test
+    queries (``auc_pr_lexical``), and the positive rate (``random``)."""
     from ..experiments.metrics import auc_pr
+    from ..methods.lexical import lexical_scores
     from ..models import response_mean_activations
 
     report = w.stage("vector filter")
@@ -382,6 +386,11 @@ def _vector_filter_check(w: _World, models: dict[str, LoadedModel], persona: dic
     for trait in lx.TRAITS:
         positives = [label == trait for label in finetune.labels]
         entry: dict[str, Any] = {"random": round(sum(positives) / len(positives), 4)}
+        queries = [q["messages"][-1]["content"] for q in w.store.test_queries(trait)]
+        if queries:
+            lexical = lexical_scores([ex.messages[-1]["content"] for ex in finetune.examples],
+                                     queries)
+            entry["auc_pr_lexical"] = round(auc_pr(lexical.tolist(), positives), 4)
         for name, a in acts.items():
             by_layer = []
             for l in all_layers:
