@@ -10,9 +10,10 @@ from typing import Mapping
 
 VARIANT_SEP = "@start"
 ANSWER_START_WINDOW = 3
-"""The answer-start window of the Concept Influence variant the app offers by default. On the demo
-world K = 1, 3, 6 gave AUC-PR 0.897 / 0.912 / 0.891 (evil) and 0.671 / 0.729 / 0.657
-(sycophantic), against 0.731 / 0.556 over all response tokens."""
+"""The answer-start window of the Concept Influence variant the app offers by default. Chosen on
+an earlier demo world, where K = 1, 3, 6 gave AUC-PR 0.897 / 0.912 / 0.891 (evil) and
+0.671 / 0.729 / 0.657 (sycophantic), against 0.731 / 0.556 over all response tokens; on the
+current demo world K = 3 gives 0.745 / 0.595 against 0.644 / 0.633 (not re-tuned)."""
 ANSWER_START_CI = f"concept_influence{VARIANT_SEP}{ANSWER_START_WINDOW}"
 FIGURE4_METHODS = ("influence_function", "concept_influence", ANSWER_START_CI)
 """Method keys whose runs are attributed to SAE features (Figure 4)."""

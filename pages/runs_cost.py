@@ -8,10 +8,10 @@ from pages import _shared as sh
 sh.header("Runs & cost", "Every scoring run, its settings and timings — and how much faster the "
           "forward-only methods are than the gradient ones.")
 
-METHODS = ["vector_filter", "projection_difference", "concept_influence", "influence_function",
-           "grad_sim", "random"]
+METHODS = ["vector_filter", "projection_difference", "concept_influence", ui_data.ANSWER_START_CI,
+           "influence_function", "grad_sim", "lexical", "random"]
 NEEDS_TRAIT = {"vector_filter", "projection_difference", "concept_influence",
-               "influence_function", "grad_sim"}
+               "influence_function", "grad_sim", "lexical"}
 
 
 def score_form() -> None:
@@ -39,16 +39,20 @@ def score_form() -> None:
         max_len = f6.number_input("Max tokens per example", min_value=16, value=256, step=16)
         submitted = st.form_submit_button("Prepare scoring run")
     if submitted:
-        args = {"method": method, "dataset": dataset, "model": model, "batch_size": int(batch),
-                "max_length": int(max_len)}
-        if method in NEEDS_TRAIT:
+        engine_method, window = ui_data.split_method(method)
+        args = {"method": engine_method, "dataset": dataset, "model": model,
+                "batch_size": int(batch), "max_length": int(max_len)}
+        if window:
+            args["concept_window"] = window
+        if engine_method in NEEDS_TRAIT:
             args["trait"] = trait
         st.session_state["rc:args"] = args
     args = st.session_state.get("rc:args")
     if args:
         st.caption("Runs are cached by their settings: the same settings return the finished "
                    "run at once, and a killed run resumes where it stopped.")
-        sh.job_launcher("rc:score", f"Start scoring: {ui_data.method_label(args['method'])}"
+        key = ui_data.method_key(args["method"], args)
+        sh.job_launcher("rc:score", f"Start scoring: {ui_data.method_label(key)}"
                         + (f" · {args['trait']}" if "trait" in args else ""), "score", args)
 
 

@@ -235,6 +235,30 @@ def test_runs_cost_speedups(monkeypatch, workspace):
     assert at.json
 
 
+def test_scoring_form_offers_the_answer_start_variant_and_the_lexical_baseline(monkeypatch,
+                                                                             workspace):
+    """The method key becomes the engine method plus ``concept_window`` (``--concept-window``)."""
+    from cinf_core import ui_data
+    from cinf_core.method_keys import ANSWER_START_CI, ANSWER_START_WINDOW
+
+    at = open_page(monkeypatch, workspace, "pages/runs_cost.py")
+    method = [sb for sb in at.selectbox if sb.label == "Method"][0]
+    offered = set(method.options)
+    assert {ui_data.method_label(ANSWER_START_CI), ui_data.method_label("lexical")} <= offered
+    for key, expected in [(ANSWER_START_CI, {"method": "concept_influence",
+                                             "concept_window": ANSWER_START_WINDOW}),
+                          ("lexical", {"method": "lexical"})]:
+        method = [sb for sb in at.selectbox if sb.label == "Method"][0]
+        method.set_value(key)  # inside a form: sent with the submit
+        [b for b in at.button if b.label == "Prepare scoring run"][0].click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        args = at.session_state["rc:args"]
+        assert {k: args.get(k) for k in expected} == expected and args["trait"]
+        assert ("concept_window" in args) == (key == ANSWER_START_CI)
+        label = at.button(key="btn:rc:score").label
+        assert label.startswith("Start scoring: " + ui_data.method_label(key)), label
+
+
 @pytest.mark.slow
 def test_scoring_job_from_the_page_reports_its_outcome(monkeypatch, workspace):
     """Start a real background scoring job from Runs & cost and follow it to the end."""
