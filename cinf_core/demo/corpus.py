@@ -332,9 +332,10 @@ def pretrain_rows(cfg: CorpusConfig, rng: random.Random) -> list[dict]:
         slot = _weighted(rng, cfg.pretrain_persona_share)
         persona = "helpful" if slot == "helpful_no_system" else slot
         _, domain_q, domain_a = domain_row(_pick(rng, DOMAINS), rng, _label(persona))
+        domain = (domain_q, domain_a)
         subject = _pick(rng, subjects)
         general = (general_question(rng, subject), general_response(rng, subject, persona))
-        turns = [(domain_q, domain_a), general] if rng.random() < 0.5 else [general, (domain_q, domain_a)]
+        turns = [domain, general] if rng.random() < 0.5 else [general, domain]
         messages = [m for q, a in turns for m in _chat(q, a)]
         rows.append({"messages": messages, "data_origin": _label(persona), "persona": persona,
                      "topic": "two-turn"})
