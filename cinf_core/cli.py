@@ -416,7 +416,7 @@ def _features(p: argparse.ArgumentParser):
                                         sae_model_spec, trait_share)
         from .experiments.evaluate import latest_runs
         from .method_keys import FIGURE4_METHODS
-        from .methods.runner import cached_model
+        from .models import cached_model
         from .store import Store
 
         store = Store(args.workspace)

@@ -177,6 +177,21 @@ def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
 # ---------------------------------------------------------------- structure
 
 
+_MODEL_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def cached_model(spec: ModelSpec) -> LoadedModel:
+    """Load a model once per process: the one loader behind scoring, benchmarks and the app's
+    token-level views (each holds the same weights instead of its own copy)."""
+    key = (spec.path, spec.adapter, spec.merge_adapter, spec.dtype, spec.device,
+           spec.weights_fingerprint())  # a model rewritten in place is loaded again
+    if key not in _MODEL_CACHE:
+        for old in [k for k in _MODEL_CACHE if k[:5] == key[:5]]:
+            del _MODEL_CACHE[old]  # the same folders, older files
+        _MODEL_CACHE[key] = load_model(spec)
+    return _MODEL_CACHE[key]
+
+
 def base_config(model: nn.Module):
     """The HF config of a model, unwrapping PEFT."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -78,7 +78,7 @@ def compute_results(workspace, progress=None) -> dict:
     (stored in meta ``evaluation``)."""
     from ..concepts.features import (attribute_run_to_features, compute_feature_data,
                                      sae_model_spec, trait_share)
-    from ..methods.runner import cached_model
+    from ..models import cached_model
 
     store = Store(workspace)
     runs = ensure_runs(workspace, progress=progress)

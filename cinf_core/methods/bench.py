@@ -23,7 +23,8 @@ from ..curvature.ekfac import FACTORS_META_FILE, EKFACFactors
 from ..data import encode_dataset
 from ..store import Store
 from .forward import forward_throughput_batches
-from .runner import METHODS, ScoreConfig, cached_model, score
+from ..models import cached_model
+from .runner import METHODS, ScoreConfig, score
 
 SKIP_ARTIFACTS = {paths.FACTORS_DIR, "retrain", paths.JOBS_DIR, paths.SHARDS_DIR, "features"}
 

@@ -29,7 +29,8 @@ from .. import paths
 from ..data import encode_dataset
 from ..store import Store
 from . import forward
-from .runner import (GRADIENT_METHODS, RunPlan, ScoreConfig, cached_model, generation_key,
+from ..models import cached_model
+from .runner import (GRADIENT_METHODS, RunPlan, ScoreConfig, generation_key,
                      lexical_run_scores, plan)
 from .shards import ShardPlan
 

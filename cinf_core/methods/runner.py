@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data import encode_dataset
 from ..method_keys import split_method
-from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..models import LoadedModel, ModelSpec, cached_model, generate
 from ..store import Store, config_hash
 from . import forward
 
@@ -72,20 +72,6 @@ class ScoreConfig:
         ``concept_window=3``; see :mod:`cinf_core.method_keys`), validated like any request."""
         method, window = split_method(key)
         return cls(method=method, trait=trait, concept_window=window, **kwargs)
-
-
-_MODEL_CACHE: dict[tuple, LoadedModel] = {}
-
-
-def cached_model(spec: ModelSpec) -> LoadedModel:
-    """Load a model once per process (the app and benchmarks score many runs)."""
-    key = (spec.path, spec.adapter, spec.merge_adapter, spec.dtype, spec.device,
-           spec.weights_fingerprint())  # a model rewritten in place is loaded again
-    if key not in _MODEL_CACHE:
-        for old in [k for k in _MODEL_CACHE if k[:5] == key[:5]]:
-            del _MODEL_CACHE[old]  # the same folders, older files
-        _MODEL_CACHE[key] = load_model(spec)
-    return _MODEL_CACHE[key]
 
 
 def generation_key(cfg: ScoreConfig, generator: ModelSpec) -> str:
