@@ -98,6 +98,14 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_key(method: str, dataset_id: str, model_id: str | None, config: dict,
+            concept_id: str | None) -> str:
+    """The id of a scoring run: the hash of everything that determines its scores (the one place
+    a run id is computed; the runner, the torchrun merge and the store all ask here)."""
+    return config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
+                        "concept_id": concept_id, "config": config})
+
+
 def _owner_alive(owner: str | None) -> bool:
     """Whether an owner tag ``host:pid`` names a live process (other hosts count as alive)."""
     if not owner or ":" not in owner:
@@ -414,8 +422,7 @@ class Store:
     def begin_run(self, method: str, dataset_id: str, model_id: str | None, config: dict,
                   n_total: int, concept_id: str | None = None) -> RunHandle:
         """Start, resume or return the cached run keyed by its full configuration."""
-        run_id = config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
-                              "concept_id": concept_id, "config": config})
+        run_id = run_key(method, dataset_id, model_id, config, concept_id)
         with self._transaction() as con:
             rows = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()
             if rows and rows[0][0] == "complete":
@@ -440,8 +447,7 @@ class Store:
                    concept_id: str | None, indices: Sequence[int], scores: Sequence[float],
                    wall_s: float, timings: dict) -> str:
         """Store a run computed elsewhere (merged shards) as complete, in one transaction."""
-        run_id = config_hash({"method": method, "dataset_id": dataset_id, "model_id": model_id,
-                              "concept_id": concept_id, "config": config})
+        run_id = run_key(method, dataset_id, model_id, config, concept_id)
         values = np.asarray(scores, dtype=np.float64)
         if not np.isfinite(values).all():
             raise ValueError(f"run {run_id}: scores contain NaN/inf; refusing to store them")
