@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from . import paths
-from .concepts.base import Concept, DirectionConcept, SAEFeatureConcept
+from .concepts.base import Concept
 from .data import ChatDataset, ChatExample, write_jsonl
 from .models import ModelSpec
 
@@ -325,15 +325,8 @@ class Store:
         from safetensors.torch import save_file
 
         concept_id = concept.concept_id
-        tensors: dict[str, torch.Tensor] = {}
-        config = concept.config()
-        if isinstance(concept, SAEFeatureConcept):
-            tensors.update(w_enc=concept.w_enc, w_dec=concept.w_dec, b_dec=concept.b_dec)
-            config.update(feature=concept.feature, b_enc=float(concept.b_enc))
-        elif isinstance(concept, DirectionConcept):
-            tensors["vector"] = concept.vector
-        else:
-            raise TypeError(f"cannot store concept of type {type(concept).__name__}")
+        config, tensors = concept.to_record()
+        tensors = dict(tensors)
         for key, value in (extra_tensors or {}).items():
             tensors[key] = value.detach().to(torch.float32).cpu()
         out = paths.artifact_dir(self.workspace, paths.CONCEPTS_DIR) / f"{concept_id}.safetensors"
@@ -372,14 +365,8 @@ class Store:
         concept_id = self._resolve("concepts", "concept_id", name_or_id)
         name, kind, layer, config = self._query(
             "SELECT name, kind, layer, config FROM concepts WHERE concept_id = ?", [concept_id])[0]
-        config = json.loads(config)
-        t = self.concept_tensors(concept_id)
-        if kind == "sae_feature":
-            return SAEFeatureConcept(name=name, layer=layer, info=config.get("info", {}),
-                                     feature=int(config["feature"]), w_enc=t["w_enc"],
-                                     b_enc=float(config["b_enc"]), w_dec=t["w_dec"], b_dec=t["b_dec"])
-        return DirectionConcept(name=name, layer=layer, kind=kind, info=config.get("info", {}),
-                                vector=t["vector"])
+        return Concept.from_record(name, kind, layer, json.loads(config),
+                                   self.concept_tensors(concept_id))
 
     # ------------------------------------------------------------ test queries and generations
 

@@ -15,6 +15,29 @@ import torch
 
 from ..models import response_mean
 
+CONCEPT_KINDS: dict[str, type["Concept"]] = {}
+"""The concept class of each stored ``kind``: how a row of the concepts table loads back."""
+
+
+def register_concept_kind(*kinds: str):
+    """Class decorator: concepts of these ``kinds`` are stored and loaded as this class."""
+    def register(cls: type["Concept"]) -> type["Concept"]:
+        if "from_record" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must define from_record to be a concept kind")
+        for kind in kinds:
+            if kind in CONCEPT_KINDS:
+                raise ValueError(f"concept kind {kind!r} is already {CONCEPT_KINDS[kind].__name__}'s")
+            CONCEPT_KINDS[kind] = cls
+        return cls
+    return register
+
+
+def _stored_tensor(tensors: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"the stored concept {name!r} has no tensor {key!r} (its file holds "
+                         f"{sorted(tensors)}); rebuild the concept")
+    return tensors[key]
+
 
 def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -62,6 +85,35 @@ class Concept:
         return {"name": self.name, "kind": self.kind, "layer": self.layer, "digest": self.digest(),
                 "info": self.info}
 
+    def to_record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What the store keeps of the concept: ``(config, tensors)``, a JSON-able config (the
+        concepts table's ``config`` column) and the named tensors of its safetensors file."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_record(cls, name: str, kind: str, layer: int, config: dict[str, Any],
+                    tensors: dict[str, torch.Tensor]) -> "Concept":
+        """The concept a stored record describes (the inverse of ``to_record``).
+
+        Called on ``Concept`` it hands over to the class registered for ``kind``
+        (:data:`CONCEPT_KINDS`); a kind no class is registered for is refused.
+        """
+        kind_cls = CONCEPT_KINDS.get(kind)
+        if kind_cls is None:
+            raise ValueError(
+                f"the stored concept {name!r} has kind {kind!r}, which this version of cinf cannot "
+                f"load (known kinds: {', '.join(sorted(CONCEPT_KINDS))}); update cinf or rebuild "
+                "the concept")
+        return kind_cls.from_record(name, kind, layer, config, tensors)
+
+    def _check_kind(self) -> None:
+        """Refuse a kind that would not load back as this class."""
+        kind_cls = CONCEPT_KINDS.get(self.kind)
+        if kind_cls is None or not isinstance(self, kind_cls):
+            mine = sorted(k for k, c in CONCEPT_KINDS.items() if isinstance(self, c))
+            raise ValueError(f"concept {self.name!r} has kind {self.kind!r}; a "
+                             f"{type(self).__name__} has one of the kinds {mine}")
+
     @property
     def concept_id(self) -> str:
         key = json.dumps({"kind": self.kind, "layer": self.layer, "digest": self.digest()},
@@ -69,13 +121,19 @@ class Concept:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+@register_concept_kind("direction", "persona_vector", "probe", "uploaded")
 @dataclass
 class DirectionConcept(Concept):
-    """f_c = a_l . v_hat, a_l the response-mean activation (DESIGN.md §1)."""
+    """f_c = a_l . v_hat, a_l the mean activation at layer l over the response tokens.
+
+    ``kind`` says where the direction came from: ``persona_vector``, ``probe``, ``uploaded`` (a
+    user's file) or ``direction`` (built in code).
+    """
 
     vector: torch.Tensor = None  # [d_model]
 
     def __post_init__(self):
+        self._check_kind()
         if self.vector is None:
             raise ValueError(f"concept {self.name!r} needs a vector")
         d_model = self.vector.shape[0] if isinstance(self.vector, torch.Tensor) and self.vector.dim() == 1 else -1
@@ -92,7 +150,17 @@ class DirectionConcept(Concept):
     def digest(self) -> str:
         return _tensor_digest(self.vector)
 
+    def to_record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self.config(), {"vector": self.vector}
 
+    @classmethod
+    def from_record(cls, name: str, kind: str, layer: int, config: dict[str, Any],
+                    tensors: dict[str, torch.Tensor]) -> "DirectionConcept":
+        return cls(name=name, layer=layer, kind=kind, info=config.get("info", {}),
+                   vector=_stored_tensor(tensors, "vector", name))
+
+
+@register_concept_kind("sae_feature")
 @dataclass
 class SAEFeatureConcept(Concept):
     """An SAE feature: measurement is the encoder *pre-activation* averaged over response tokens.
@@ -110,6 +178,7 @@ class SAEFeatureConcept(Concept):
     kind: str = "sae_feature"
 
     def __post_init__(self):
+        self._check_kind()
         for name in ("w_enc", "w_dec", "b_dec"):
             t = getattr(self, name)
             if t is None:
@@ -127,3 +196,15 @@ class SAEFeatureConcept(Concept):
     def digest(self) -> str:
         return _tensor_digest(torch.cat([self.w_enc, self.w_dec, self.b_dec,
                                          torch.tensor([self.b_enc, float(self.feature)])]))
+
+    def to_record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {**self.config(), "feature": self.feature, "b_enc": float(self.b_enc)}
+        return config, {"w_enc": self.w_enc, "w_dec": self.w_dec, "b_dec": self.b_dec}
+
+    @classmethod
+    def from_record(cls, name: str, kind: str, layer: int, config: dict[str, Any],
+                    tensors: dict[str, torch.Tensor]) -> "SAEFeatureConcept":
+        return cls(name=name, layer=layer, info=config.get("info", {}),
+                   feature=int(config["feature"]), w_enc=_stored_tensor(tensors, "w_enc", name),
+                   b_enc=float(config["b_enc"]), w_dec=_stored_tensor(tensors, "w_dec", name),
+                   b_dec=_stored_tensor(tensors, "b_dec", name))
