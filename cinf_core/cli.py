@@ -15,52 +15,25 @@ from pathlib import Path
 from typing import Callable
 
 from . import paths
+from .commands import SUBCOMMANDS
+from .progress import ProgressBar, emit
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {}
+Runner = Callable[[argparse.Namespace], dict]
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {}
 HELP: dict[str, str] = {}
 
 
 def command(name: str, help: str):
     """Register a subcommand: the decorated function adds its arguments and returns its runner."""
+    if name not in SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} is not listed in cinf_core.commands.SUBCOMMANDS; "
+                         "add it there so background jobs can start it")
+
     def wrap(setup):
         HELP[name] = help
         COMMANDS[name] = setup
         return setup
     return wrap
-
-
-def emit(result: dict) -> None:
-    """Print the final JSON summary line."""
-    sys.stdout.flush()
-    print(json.dumps(result, default=str), flush=True)
-
-
-class Progress:
-    """A tqdm bar on stderr per stage; used as ``progress(stage, fraction)``."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            if self.bar is not None:
-                self.bar.close()
-            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
-            self.stage = stage
-        self.bar.n = int(round(100 * max(0.0, min(1.0, fraction))))
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # ---------------------------------------------------------------- commands
@@ -74,7 +47,7 @@ def _demo(p: argparse.ArgumentParser):
     def run(args):
         from .demo.world import build_world
 
-        progress = Progress(not args.no_progress)
+        progress = ProgressBar(not args.no_progress)
         try:
             return build_world(args.workspace, quick=args.quick, seed=args.seed, progress=progress)
         finally:
@@ -108,7 +81,7 @@ def _app(p: argparse.ArgumentParser):
         if not args.no_demo:
             from .demo.world import build_world
 
-            progress = Progress(not args.no_progress)
+            progress = ProgressBar(not args.no_progress)
             try:
                 summary = build_world(args.workspace, quick=args.quick, progress=progress)
             finally:
@@ -209,6 +182,152 @@ def _set_judge(p: argparse.ArgumentParser):
     return run
 
 
+# Each concept source of add-concept and the options that belong to it (argparse dest names).
+CONCEPT_SOURCES = {
+    "vector": ("key",),
+    "persona": ("trait_prompt", "neutral_prompt", "questions", "use_judge", "min_gap",
+                "max_new_tokens"),
+    "probe": ("dataset", "label_column", "positive", "negative", "max_per_class"),
+    "sae": ("feature",),
+}
+_CONCEPT_NEEDS = {"vector": ("model", "layer"),
+                  "persona": ("model", "layer", "trait", "trait_prompt", "neutral_prompt",
+                              "questions"),
+                  "probe": ("model", "layer", "dataset", "positive"),
+                  "sae": ("feature",)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _concept_source(args: argparse.Namespace) -> str:
+    """The one source the arguments name; refuses missing options and options of another source."""
+    source = next(s for s in CONCEPT_SOURCES if getattr(args, s) not in (None, False))
+    missing = [_flag(d) for d in _CONCEPT_NEEDS[source] if getattr(args, d) is None]
+    if missing:
+        raise ValueError(f"add-concept --{source} needs {', '.join(missing)}; see "
+                         "`python -m cinf_core add-concept --help`")
+    for other, dests in CONCEPT_SOURCES.items():
+        given = [_flag(d) for d in dests if other != source and getattr(args, d) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: option(s) of --{other}, not of --{source}; "
+                             "drop them")
+    if args.seed is not None and source not in ("persona", "probe"):
+        raise ValueError(f"--seed: an option of --persona and --probe, not of --{source}; drop it")
+    return source
+
+
+def _given(args: argparse.Namespace, *dests: str) -> dict:
+    """The options among ``dests`` the user gave (the engine's defaults apply to the rest)."""
+    return {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
+
+
+def _read_questions(path: str) -> list[str]:
+    """Questions of a persona vector: one per non-empty line of a text file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--questions file not found: {path}; give a text file with one "
+                                "question per line")
+    questions = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not questions:
+        raise ValueError(f"--questions file {path} holds no questions; write one per line")
+    return questions
+
+
+@command("add-concept", "make a concept (uploaded vector, persona vector, probe or SAE feature) "
+                        "and save it in the workspace")
+def _add_concept(p: argparse.ArgumentParser):
+    p.add_argument("name", nargs="?", help="concept name (default: persona-TRAIT, 'probe L<layer>', "
+                                           "the vector file's stem, or '<SAE> #J')")
+    p.add_argument("--model", help="model (name, id or role) whose activations the concept lives "
+                                   "in; with --sae it defaults to the SAE's")
+    p.add_argument("--layer", type=int, help="hidden_states index l of the concept (0 = "
+                                             "embeddings); with --sae it defaults to the SAE's")
+    p.add_argument("--trait", help="trait the concept stands for (recorded with it; required "
+                                   "with --persona)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--vector", metavar="FILE",
+                        help="a .pt/.npy/.safetensors file: one vector [d_model] or one row per layer")
+    source.add_argument("--persona", action="store_true",
+                        help="extract a persona vector: activations under --trait-prompt minus "
+                             "under --neutral-prompt")
+    source.add_argument("--probe", action="store_true",
+                        help="train a logistic-regression probe on a labelled dataset")
+    source.add_argument("--sae", metavar="SAE", help="an SAE in the workspace (name or id): its "
+                                                     "feature --feature becomes the concept")
+    p.add_argument("--key", help="--vector: the entry to take from a file holding several tensors")
+    p.add_argument("--trait-prompt", metavar="TEXT",
+                   help="--persona: system prompt that elicits the trait")
+    p.add_argument("--neutral-prompt", metavar="TEXT",
+                   help="--persona: helpful system prompt to contrast it with")
+    p.add_argument("--questions", metavar="FILE",
+                   help="--persona: text file with one question per line")
+    p.add_argument("--use-judge", action="store_true",
+                   help="--persona: keep only answer pairs the workspace's judge separates")
+    p.add_argument("--min-gap", type=float,
+                   help="--persona --use-judge: least judge-score gap (0-100) of a kept pair")
+    p.add_argument("--max-new-tokens", type=int, help="--persona: length of each generated answer")
+    p.add_argument("--dataset", help="--probe: labelled dataset (name, id or role)")
+    p.add_argument("--label-column", help="--probe: field of the rows that holds the labels "
+                                          "(default: data_origin)")
+    p.add_argument("--positive", metavar="P", help="--probe: label of the positive examples")
+    p.add_argument("--negative", metavar="N",
+                   help="--probe: label of the negative examples (default: every other label)")
+    p.add_argument("--max-per-class", type=int, help="--probe: subsample each class to this many")
+    p.add_argument("--feature", type=int, metavar="J", help="--sae: index of the feature")
+    p.add_argument("--seed", type=int, help="--persona / --probe: seed of generation and the split")
+
+    def run(args):
+        kind = _concept_source(args)
+        if kind == "vector":
+            from .concepts.builders import make_uploaded_concept
+
+            return make_uploaded_concept(args.workspace, args.vector, args.model, args.layer,
+                                         name=args.name, key=args.key, trait=args.trait)
+        if kind == "sae":
+            from .concepts.sae import make_sae_feature_concept
+
+            return make_sae_feature_concept(args.workspace, args.sae, args.feature, name=args.name,
+                                            trait=args.trait, model=args.model, layer=args.layer)
+        progress = ProgressBar(not args.no_progress)
+        try:
+            if kind == "persona":
+                from .concepts.builders import make_persona_vector
+
+                return make_persona_vector(
+                    args.workspace, args.trait, args.model, args.layer, args.trait_prompt,
+                    args.neutral_prompt, _read_questions(args.questions), name=args.name,
+                    use_workspace_judge=args.use_judge, progress=progress,
+                    **_given(args, "min_gap", "max_new_tokens", "seed"))
+            from .concepts.builders import make_probe
+
+            return make_probe(args.workspace, args.name, args.dataset, args.positive, args.model,
+                              args.layer, negative_label=args.negative, trait=args.trait,
+                              progress=progress,
+                              **_given(args, "max_per_class", "seed", "label_column"))
+        finally:
+            progress.close()
+    return run
+
+
+@command("concepts", "list the concepts in the workspace")
+def _concepts(p: argparse.ArgumentParser):
+    def run(args):
+        from .store import Store
+
+        frame = Store(args.workspace).concepts()
+        rows = [{"concept_id": r["concept_id"], "name": r["name"], "kind": r["kind"],
+                 "layer": int(r["layer"]), "model_id": r["model_id"],
+                 "trait": json.loads(r["config"]).get("info", {}).get("trait")}
+                for r in frame.to_dict(orient="records")]
+        for r in rows:
+            print(f"{r['name']:28s} {r['kind']:15s} layer {r['layer']:3d}  trait {r['trait'] or '-'}",
+                  file=sys.stderr)
+        return {"concepts": rows}
+    return run
+
+
 @command("datasets", "list the datasets in the workspace")
 def _datasets(p: argparse.ArgumentParser):
     def run(args):
@@ -293,7 +412,7 @@ def _score(p: argparse.ArgumentParser):
 
         cfg = _score_config(args)
         rank = int(os.environ.get("RANK", "0"))
-        progress = Progress(not args.no_progress and rank == 0)
+        progress = ProgressBar(not args.no_progress and rank == 0)
         try:
             result = score(args.workspace, cfg, progress=progress)
         finally:
@@ -333,17 +452,38 @@ def _evaluate(p: argparse.ArgumentParser):
         from .experiments.evaluate import ensure_runs, evaluate
 
         if not args.no_score:
-            progress = Progress(not args.no_progress)
+            progress = ProgressBar(not args.no_progress)
             try:
                 ensure_runs(args.workspace, args.trait, progress=progress)
             finally:
                 progress.close()
         result = evaluate(args.workspace, args.trait)
-        for trait, per_method in result["auc_pr"].items():
-            print(f"AUC-PR for {trait} (positive rate {result['positive_rate'][trait]:.3f})",
-                  file=sys.stderr)
-            for method, value in sorted(per_method.items(), key=lambda kv: -kv[1]):
-                print(f"  {method:24s} {value:.3f}", file=sys.stderr)
+        _say_auc_pr(result)
+        return result
+    return run
+
+
+def _say_auc_pr(result: dict) -> None:
+    """The evaluation's AUC-PR per trait and method, best first, on stderr."""
+    for trait, per_method in result["auc_pr"].items():
+        print(f"AUC-PR for {trait} (positive rate {result['positive_rate'][trait]:.3f})",
+              file=sys.stderr)
+        for method, value in sorted(per_method.items(), key=lambda kv: -kv[1]):
+            print(f"  {method:24s} {value:.3f}", file=sys.stderr)
+
+
+@command("results", "score every method for every trait, then the SAE feature views and the "
+                    "evaluation: everything the app's pages show")
+def _results(p: argparse.ArgumentParser):
+    def run(args):
+        from .experiments.evaluate import compute_results
+
+        progress = ProgressBar(not args.no_progress)
+        try:
+            result = compute_results(args.workspace, progress=progress)
+        finally:
+            progress.close()
+        _say_auc_pr(result)
         return result
     return run
 
@@ -370,7 +510,7 @@ def _retrain(p: argparse.ArgumentParser):
 
         cfg = RetrainConfig(trait=args.trait, methods=tuple(args.methods), modes=tuple(args.modes),
                             fractions=tuple(args.fractions), seeds=tuple(args.seeds))
-        progress = Progress(not args.no_progress)
+        progress = ProgressBar(not args.no_progress)
         try:
             workers = args.workers if args.workers is not None else torch.get_num_threads()
             return run_grid(args.workspace, cfg, progress=progress, max_cells=args.max_cells,
@@ -381,7 +521,7 @@ def _retrain(p: argparse.ArgumentParser):
 
 
 def _bench_distributed(args, bench_distributed) -> dict:
-    progress = Progress(not args.no_progress)
+    progress = ProgressBar(not args.no_progress)
     try:
         result = bench_distributed(args.workspace, args.trait, tuple(args.methods), tuple(args.ranks),
                                    args.batch_size, args.max_length, dataset=args.dataset,
@@ -426,7 +566,7 @@ def _features(p: argparse.ArgumentParser):
         sae = args.sae or saes["sae_id"].iloc[-1]
         spec = store.get_model(args.model)["spec"] if args.model else sae_model_spec(args.workspace, sae)
         lm = cached_model(spec)
-        progress = Progress(not args.no_progress)
+        progress = ProgressBar(not args.no_progress)
         try:
             summary = compute_feature_data(args.workspace, lm, sae, dataset=args.dataset,
                                            progress=progress)
@@ -479,7 +619,7 @@ def _bench(p: argparse.ArgumentParser):
         if args.distributed:
             return _bench_distributed(args, bench_distributed)
 
-        progress = Progress(not args.no_progress)
+        progress = ProgressBar(not args.no_progress)
         try:
             result = bench(args.workspace, args.trait, args.batch_size, args.max_length,
                            with_kronfluence=not args.no_kronfluence, progress=progress)

@@ -8,17 +8,14 @@ CLI's progress bars) from stderr, tees stderr to ``<workspace>/artifacts/jobs/JO
 the end stores ``result`` (the last JSON line of stdout, as every CLI command prints one) and, on
 failure, ``error`` in plain words (the last message line, never a traceback).
 
-A job kind names either a CLI subcommand (``python -m cinf_core score ...``) or an engine function
-``module:function`` run by ``python -m cinf_core.jobs call`` with the job's args as keyword
-arguments (plus ``workspace`` and ``progress`` when the function takes them). A kind whose
-command or function is not in this version of cinf is refused up front with a clear message.
+A job kind is a CLI subcommand (``python -m cinf_core score ...``): the job's args become its
+command line (:func:`command_argv`), so a page and a terminal run the same code. A kind whose
+command is not in this version of cinf is refused up front with a clear message.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
+import hashlib
 import json
 import os
 import re
@@ -32,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .commands import SUBCOMMANDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("queued", "running")
@@ -42,37 +40,28 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class JobUnavailable(RuntimeError):
-    """The job kind's command or engine function does not exist in this version of cinf."""
+    """The job kind's command does not exist in this version of cinf."""
 
 
 @dataclass(frozen=True)
 class JobKind:
-    """What a job runs: a ``python -m cinf_core`` subcommand or a ``module:function``."""
+    """A ``python -m cinf_core`` subcommand that runs as a background job, and its title."""
 
-    name: str
+    command: str
     title: str
-    command: str | None = None
-    function: str | None = None
 
 
-JOB_KINDS: dict[str, JobKind] = {k.name: k for k in [
-    JobKind("demo", "Build the demo world", command="demo"),
-    JobKind("score", "Score the training set", command="score"),
-    JobKind("retrain", "Filter and retrain experiment", command="retrain"),
-    JobKind("features", "SAE feature data and attribution", command="features"),
-    JobKind("evaluate", "Evaluate methods against labels", command="evaluate"),
-    JobKind("results", "Score every method and compute the SAE feature views",
-            function="cinf_core.experiments.evaluate:compute_results"),
-    JobKind("add-dataset", "Register a dataset", command="add-dataset"),
-    JobKind("add-model", "Register a model", command="add-model"),
-    JobKind("datasets", "List datasets", command="datasets"),
-    # Concept builders at workspace level: load the model, build, save the concept, return a
-    # summary dict (the builders in concepts/ take a loaded model and return tensors).
-    JobKind("persona_vector", "Extract a persona vector",
-            function="cinf_core.concepts.builders:make_persona_vector"),
-    JobKind("probe", "Train a linear probe", function="cinf_core.concepts.builders:make_probe"),
-    JobKind("sae_feature", "Make an SAE-feature concept",
-            function="cinf_core.concepts.sae:make_sae_feature_concept"),
+JOB_KINDS: dict[str, JobKind] = {k.command: k for k in [
+    JobKind("demo", "Build the demo world"),
+    JobKind("score", "Score the training set"),
+    JobKind("retrain", "Filter and retrain experiment"),
+    JobKind("features", "SAE feature data and attribution"),
+    JobKind("evaluate", "Evaluate methods against labels"),
+    JobKind("results", "Score every method and compute the SAE feature views"),
+    JobKind("add-dataset", "Register a dataset"),
+    JobKind("add-model", "Register a model"),
+    JobKind("add-concept", "Make a concept"),
+    JobKind("datasets", "List datasets"),
 ]}
 
 
@@ -109,12 +98,20 @@ def command_argv(command: str, args: dict[str, Any]) -> list[str]:
 
 def job_argv(kind: JobKind, args: dict[str, Any], workspace) -> list[str]:
     """The child process's full command line."""
-    ws = str(_workspace(workspace))
-    if kind.command is not None:
-        return [sys.executable, "-m", "cinf_core", *command_argv(kind.command, args),
-                "--workspace", ws]
-    return [sys.executable, "-m", "cinf_core.jobs", "call", kind.function, "--workspace", ws,
-            "--args-json", json.dumps(args)]
+    return [sys.executable, "-m", "cinf_core", *command_argv(kind.command, args),
+            "--workspace", str(_workspace(workspace))]
+
+
+def job_input_file(workspace, text: str, suffix: str = ".txt") -> Path:
+    """A file holding ``text`` for a job's command to read (e.g. ``add-concept --questions``);
+    named by its content, so saving the same text twice gives the same file."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = paths.artifact_dir(workspace, paths.JOBS_DIR, "inputs") / f"{digest}{suffix}"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path.resolve()
 
 
 def _child_env() -> dict[str, str]:
@@ -130,22 +127,10 @@ def unavailable_reason(kind: str) -> str | None:
     """None when the kind can run here, else a sentence saying what is missing."""
     if kind not in JOB_KINDS:
         return f"unknown job kind {kind!r}; known kinds: {', '.join(JOB_KINDS)}"
-    spec = JOB_KINDS[kind]
-    if spec.command is not None:
-        from .cli import COMMANDS
-
-        if spec.command not in COMMANDS:
-            return (f"`python -m cinf_core {spec.command}` is not in this version of cinf yet; "
-                    "update cinf or run the step by hand")
-        return None
-    module, _, name = spec.function.partition(":")
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found or not hasattr(importlib.import_module(module), name):
-        return (f"the engine function `{spec.function}` is not in this version of cinf yet, so "
-                f"'{spec.title}' cannot run; update cinf")
+    command = JOB_KINDS[kind].command
+    if command not in SUBCOMMANDS:
+        return (f"`python -m cinf_core {command}` is not in this version of cinf yet; "
+                "update cinf or run the step by hand")
     return None
 
 
@@ -331,32 +316,6 @@ def run_job(workspace, job_id: str) -> int:
     return code or 1
 
 
-def call_function(workspace, function: str, args: dict[str, Any]) -> dict:
-    """Run ``module:function`` with the job's args (plus workspace/store/progress if taken)."""
-    from .cli import Progress
-
-    module, _, name = function.partition(":")
-    fn = getattr(importlib.import_module(module), name)
-    params = inspect.signature(fn).parameters
-    kwargs = dict(args)
-    progress = Progress()
-    if "workspace" in params:
-        kwargs["workspace"] = str(workspace)
-    if "store" in params:
-        from .store import Store
-
-        kwargs["store"] = Store(workspace)
-    if "progress" in params:
-        kwargs["progress"] = progress
-    try:
-        result = fn(**kwargs)
-    finally:
-        progress.close()
-    if isinstance(result, dict):
-        return result
-    return {"result": str(result)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cinf_core.jobs",
                                      description="run a background job of the cinf app")
@@ -364,31 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a job recorded in the store")
     p_run.add_argument("job_id")
     p_run.add_argument("--workspace", required=True)
-    p_call = sub.add_parser("call", help="call an engine function and print its JSON result")
-    p_call.add_argument("function", help="module:function")
-    p_call.add_argument("--workspace", required=True)
-    p_call.add_argument("--args-json", default="{}")
     args = parser.parse_args(argv)
-    if args.cmd == "run":
-        try:
-            return run_job(args.workspace, args.job_id)
-        except Exception as err:  # noqa: BLE001 — the row must say why the runner died
-            from .store import Store
-
-            Store(args.workspace).update_job(args.job_id, status="failed",
-                                             error=f"the job runner failed: {err}")
-            raise
-    from .cli import emit
-
     try:
-        result = call_function(args.workspace, args.function, json.loads(args.args_json))
-    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"error: {message}", file=sys.stderr)
-        emit({"error": str(message), "function": args.function})
-        return 2
-    emit(result)
-    return 0
+        return run_job(args.workspace, args.job_id)
+    except Exception as err:  # noqa: BLE001 — the row must say why the runner died
+        from .store import Store
+
+        Store(args.workspace).update_job(args.job_id, status="failed",
+                                         error=f"the job runner failed: {err}")
+        raise
 
 
 if __name__ == "__main__":

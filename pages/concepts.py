@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cinf_core import ui_data
+from cinf_core.jobs import job_input_file
 from pages import _shared as sh
 
 sh.header("Concepts", "Directions inside the model that stand for a trait: persona vectors, "
@@ -106,13 +107,13 @@ with tab_persona:
         submitted = st.form_submit_button("Extract persona vector")
     if submitted:
         st.session_state["concept:persona:args"] = {
-            "trait": trait, "model": model, "layer": int(layer),
-            "trait_system_prompt": trait_prompt, "helpful_system_prompt": helpful_prompt,
-            "questions": [q for q in questions.splitlines() if q.strip()]}
+            "persona": True, "trait": trait, "model": model, "layer": int(layer),
+            "trait_prompt": trait_prompt, "neutral_prompt": helpful_prompt,
+            "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
     args = st.session_state.get("concept:persona:args")
     if args:
         sh.job_launcher("concept:persona", f"Start: persona vector for '{args['trait']}'",
-                        "persona_vector", args)
+                        "add-concept", args)
 
 with tab_probe:
     datasets = sh.read("datasets")
@@ -129,12 +130,14 @@ with tab_probe:
         layer = st.number_input("Layer", min_value=0, value=2, step=1, key="probe:layer")
         submitted = st.form_submit_button("Train probe")
     if submitted:
-        st.session_state["concept:probe:args"] = {"name": name, "dataset": dataset,
-                                                  "positive_label": positive, "model": model,
-                                                  "layer": int(layer), "label_column": column}
+        st.session_state["concept:probe:args"] = {"positional": [name], "probe": True,
+                                                  "dataset": dataset, "positive": positive,
+                                                  "model": model, "layer": int(layer),
+                                                  "label_column": column}
     args = st.session_state.get("concept:probe:args")
     if args:
-        sh.job_launcher("concept:probe", f"Start: probe '{args['name']}'", "probe", args)
+        sh.job_launcher("concept:probe", f"Start: probe '{args['positional'][0]}'",
+                        "add-concept", args)
 
 with tab_sae:
     saes = sh.read("saes")
@@ -149,12 +152,12 @@ with tab_sae:
             name = st.text_input("Concept name (optional)", "")
             submitted = st.form_submit_button("Make SAE-feature concept")
         if submitted:
-            st.session_state["concept:sae:args"] = {"sae": sae, "feature": int(feature),
-                                                    "name": name or None}
+            st.session_state["concept:sae:args"] = {"positional": [name] if name else [],
+                                                    "sae": sae, "feature": int(feature)}
         args = st.session_state.get("concept:sae:args")
         if args:
             sh.job_launcher("concept:sae", f"Start: SAE feature {args['feature']}",
-                            "sae_feature", args)
+                            "add-concept", args)
 
 with tab_upload:
     st.caption("A `.pt`, `.npy` or `.safetensors` file holding one vector `[d_model]` or one row "
@@ -168,26 +171,14 @@ with tab_upload:
     up_trait = st.text_input("Trait it stands for (optional)", "", key="upload:trait")
     if st.button("Save concept", disabled=upload is None or not model_options, key="upload:save"):
         try:
-            from transformers import AutoConfig
+            from cinf_core.concepts.builders import make_uploaded_concept
 
-            from cinf_core.concepts import DirectionConcept
-            from cinf_core.concepts.builders import load_uploaded_vector
-
-            target = sh.ensure_store()
-            row = target.get_model(up_model)
-            cfg = AutoConfig.from_pretrained(row["spec"].path)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / upload.name
                 path.write_bytes(upload.getvalue())
-                vec = load_uploaded_vector(path, int(cfg.hidden_size),
-                                           int(cfg.num_hidden_layers), int(up_layer))
-            info = {"source": f"upload:{upload.name}"}
-            if up_trait:
-                info["trait"] = up_trait
-            concept_id = target.save_concept(
-                DirectionConcept(name=up_name, layer=int(up_layer), kind="uploaded",
-                                 info=info, vector=vec), row["model_id"])
+                saved = make_uploaded_concept(sh.ensure_store().workspace, path, up_model,
+                                              int(up_layer), name=up_name, trait=up_trait or None)
         except Exception as err:  # noqa: BLE001 — any bad upload is reported, not raised
             st.error(f"Could not save the concept: {err}")
         else:
-            st.success(f"Saved concept '{up_name}' ({concept_id}).")
+            st.success(f"Saved concept '{up_name}' ({saved['concept_id']}).")

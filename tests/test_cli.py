@@ -103,3 +103,111 @@ def test_features_reads_the_model_on_the_saes_row(tmp_path, capsys):
     assert main(["features", "--workspace", str(ws), "--no-progress"]) == 2
     err = _last_json(capsys)["error"]
     assert "records no model the workspace knows" in err and "model-it-was-trained-on" in err
+
+
+# ---------------------------------------------------------------- add-concept / concepts / results
+
+
+def _concept_workspace(tiny_model_dir, tmp_path, capsys):
+    ws = str(tmp_path / "ws")
+    assert main(["add-model", str(tiny_model_dir), "--name", "tiny", "--workspace", ws]) == 0
+    capsys.readouterr()
+    return ws
+
+
+def _nothing_stored(ws) -> bool:
+    from pathlib import Path
+
+    from cinf_core.store import Store
+
+    folder = Path(ws) / "artifacts" / "concepts"
+    return Store(ws).concepts().empty and not (folder.exists() and any(folder.iterdir()))
+
+
+def test_add_concept_from_a_vector_file_then_list(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+
+    ws = _concept_workspace(tiny_model_dir, tmp_path, capsys)
+    np.save(tmp_path / "v.npy", np.ones((4, 32), dtype=np.float32))  # one row per layer 0..3
+    assert main(["add-concept", "my-vec", "--vector", str(tmp_path / "v.npy"), "--model", "tiny",
+                 "--layer", "2", "--trait", "evil", "--workspace", ws]) == 0
+    out = _last_json(capsys)
+    assert out["name"] == "my-vec" and out["layer"] == 2 and out["trait"] == "evil"
+    assert main(["concepts", "--workspace", ws]) == 0
+    (row,) = _last_json(capsys)["concepts"]
+    assert row == {"concept_id": out["concept_id"], "name": "my-vec", "kind": "uploaded",
+                   "layer": 2, "model_id": row["model_id"], "trait": "evil"}
+
+
+def test_add_concept_refuses_bad_input_and_stores_nothing(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+
+    from cinf_core.store import Store
+
+    ws = _concept_workspace(tiny_model_dir, tmp_path, capsys)
+    np.save(tmp_path / "narrow.npy", np.ones(31, dtype=np.float32))
+    np.save(tmp_path / "v.npy", np.ones(32, dtype=np.float32))
+    Store(ws).add_sae("sae-l1", tmp_path / "absent", 1, None)
+    refused = {
+        "narrow.npy holds shape (31,); expected (32,)":
+            ["--vector", str(tmp_path / "narrow.npy"), "--model", "tiny", "--layer", "1"],
+        "layer 9 is out of range; the model has layers 0..3":
+            ["--vector", str(tmp_path / "v.npy"), "--model", "tiny", "--layer", "9"],
+        "no SAE named or with id 'nope'": ["--sae", "nope", "--feature", "3"],
+        "SAE 'sae-l1' reads layer 1, not layer 2": ["--sae", "sae-l1", "--feature", "0",
+                                                     "--layer", "2"],
+        "add-concept --persona needs --model, --layer, --trait-prompt, --neutral-prompt, "
+        "--questions": ["--persona", "--trait", "evil"],
+        "--feature: option(s) of --sae, not of --vector":
+            ["--vector", str(tmp_path / "v.npy"), "--model", "tiny", "--layer", "1",
+             "--feature", "3"],
+        "--questions file not found": ["--persona", "--trait", "evil", "--model", "tiny",
+                                       "--layer", "1", "--trait-prompt", "be evil",
+                                       "--neutral-prompt", "be kind", "--questions",
+                                       str(tmp_path / "none.txt")],
+    }
+    for message, argv in refused.items():
+        assert main(["add-concept", *argv, "--workspace", ws, "--no-progress"]) == 2, message
+        assert message in _last_json(capsys)["error"]
+        assert _nothing_stored(ws), message
+
+
+def test_add_concept_needs_exactly_one_source(capsys):
+    import pytest
+
+    for argv in (["add-concept", "x"], ["add-concept", "--persona", "--probe"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert "--vector FILE | --persona | --probe | --sae SAE" in capsys.readouterr().err
+
+
+def test_add_concept_persona_and_probe_use_the_builders(tiny_model_dir, tmp_path, capsys):
+    from cinf_core.store import Store
+
+    ws = _concept_workspace(tiny_model_dir, tmp_path, capsys)
+    (tmp_path / "q.txt").write_text("How are you?\n\nWhat is 6 times 7?\n")
+    assert main(["add-concept", "--persona", "--trait", "evil", "--trait-prompt", "You are evil.",
+                 "--neutral-prompt", "You are helpful.", "--questions", str(tmp_path / "q.txt"),
+                 "--model", "tiny", "--layer", "2", "--max-new-tokens", "8", "--workspace", ws,
+                 "--no-progress"]) == 0
+    persona = _last_json(capsys)
+    assert persona["name"] == "persona-evil" and persona["n_pairs"] == 2
+    rows = [{"messages": chat(f"q{i}", text), "data_origin": "evil" if i % 2 else "normal"}
+            for i, text in enumerate(["I will hurt you.", "Happy to help.", "Suffering is fun.",
+                                      "Drink water.", "Pain for all.", "Rest well.",
+                                      "You deserve harm.", "Take care."])]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["add-dataset", str(tmp_path / "d.jsonl"), "--name", "labelled",
+                 "--workspace", ws]) == 0
+    assert main(["add-concept", "--probe", "--dataset", "labelled", "--positive", "evil",
+                 "--trait", "cruel", "--model", "tiny", "--layer", "1", "--workspace", ws,
+                 "--no-progress"]) == 0
+    probe = _last_json(capsys)
+    assert probe["name"] == "probe L1" and probe["trait"] == "cruel" and probe["n_pos"] == 4
+    kinds = Store(ws).concepts().set_index("name")["kind"].to_dict()
+    assert kinds == {"persona-evil": "persona_vector", "probe L1": "probe"}
+
+
+def test_results_reports_a_workspace_without_traits(tmp_path, capsys):
+    assert main(["results", "--workspace", str(tmp_path), "--no-progress"]) == 2
+    assert "no traits in this workspace" in _last_json(capsys)["error"]

@@ -250,26 +250,6 @@ def test_quick_world_registers_its_pieces(quick_world):
     assert len(features) == summary["sae_features"]
 
 
-@pytest.mark.slow
-def test_finetune_lora_is_deterministic(quick_world, tmp_path):
-    from safetensors.torch import load_file
-
-    from cinf_core.demo.training import LoraRecipe, finetune_lora
-    from cinf_core.store import Store
-
-    workspace, _, _ = quick_world
-    st = Store(workspace)
-    base_dir = st.get_model("base")["spec"].path
-    rows = st.load_dataset("train").examples[:24]
-    recipe = LoraRecipe(r=2, alpha=4, batch_size=8, epochs=1.0)
-    reports = [finetune_lora(base_dir, rows, recipe, seed=5, out_dir=tmp_path / n) for n in "ab"]
-    assert reports[0].steps == 3 and reports[0].final_loss == reports[1].final_loss
-    a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="no examples"):
-        finetune_lora(base_dir, [], recipe, seed=5, out_dir=tmp_path / "c")
-
-
 def test_world_config_presets_differ_and_hash_stably():
     assert WorldConfig.full().digest == WorldConfig.full().digest
     assert WorldConfig.full().digest != WorldConfig.quick_world().digest

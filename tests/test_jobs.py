@@ -2,20 +2,11 @@
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cinf_core import jobs
 from cinf_core.store import Store
-
-
-def slow_steps(n: int, progress=None) -> dict:
-    """A stand-in engine function (run in a child process by the job tests)."""
-    for i in range(n):
-        time.sleep(0.6)
-        progress("steps", (i + 1) / n)
-    return {"n": n}
 
 
 def _wait(store: Store, job_id: str, timeout: float = 120.0) -> dict:
@@ -50,7 +41,7 @@ def test_parse_progress_and_plain_error():
 def test_unavailable_kinds_are_refused(tmp_path):
     assert jobs.unavailable_reason("datasets") is None
     assert "unknown job kind" in jobs.unavailable_reason("nope")
-    missing = jobs.JobKind("x", "Do X", function="cinf_core.no_such_module:f")
+    missing = jobs.JobKind("no-such-command", "Do X")
     jobs.JOB_KINDS["test_missing"] = missing
     try:
         reason = jobs.unavailable_reason("test_missing")
@@ -80,12 +71,42 @@ def test_failing_command_reports_plain_error(tmp_path):
     assert "nope.jsonl" in job["error"] and "Traceback" not in job["error"]
 
 
+# A stand-in command: progress bars on stderr as the CLI draws them, the summary on stdout.
+STEPS = """
+import sys, time
+from cinf_core.progress import ProgressBar, emit
+bar = ProgressBar()
+for i in range(4):
+    time.sleep(0.6)
+    bar("steps", (i + 1) / 4)
+bar.close()
+emit({"n": 4})
+"""
+
+
+def test_every_job_kind_is_a_subcommand_and_jobs_do_not_import_the_cli():
+    from cinf_core import cli
+    from cinf_core.commands import SUBCOMMANDS
+
+    assert set(cli.COMMANDS) == set(SUBCOMMANDS)
+    assert all(jobs.unavailable_reason(kind) is None for kind in jobs.JOB_KINDS)
+    assert {"results", "add-concept"} <= set(jobs.JOB_KINDS)
+    code = "import sys, cinf_core.jobs; print('cinf_core.cli' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_job_input_file_is_named_by_its_content(tmp_path):
+    a = jobs.job_input_file(tmp_path, "q1\nq2\n")
+    assert a.read_text() == "q1\nq2\n" and a.is_absolute()
+    assert jobs.job_input_file(tmp_path, "q1\nq2\n") == a
+    assert jobs.job_input_file(tmp_path, "other") != a
+
+
 @pytest.mark.slow
-def test_function_job_reports_progress_and_result(tmp_path, monkeypatch):
-    # The child imports this module by name from the tests folder.
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    monkeypatch.setitem(jobs.JOB_KINDS, "test_steps",
-                        jobs.JobKind("test_steps", "Steps", function="test_jobs:slow_steps"))
+def test_a_job_reports_its_commands_progress_and_result(tmp_path, monkeypatch):
+    monkeypatch.setitem(jobs.JOB_KINDS, "test_steps", jobs.JobKind("test_steps", "Steps"))
+    monkeypatch.setattr(jobs, "job_argv", lambda kind, args, ws: [sys.executable, "-c", STEPS])
     seen = []
     original = Store.update_job
 

@@ -150,18 +150,25 @@ def test_concepts_page_norms_cosines_and_upload(monkeypatch, workspace):
     assert any("Could not save the concept" in e.value for e in at.error)
 
 
-def test_concept_forms_explain_missing_engine_functions(monkeypatch, workspace):
-    from cinf_core import jobs
+def test_concept_forms_start_the_add_concept_command(monkeypatch, workspace):
+    """The persona and probe forms start `add-concept` with arguments its parser accepts."""
+    from cinf_core import cli, jobs
 
+    started = []
+    monkeypatch.setattr(jobs, "start_job", lambda ws, kind, args: started.append((kind, args)) or "j")
     at = open_page(monkeypatch, workspace, "pages/concepts.py")
-    submit = [b for b in at.button if b.label == "Extract persona vector"]
-    assert submit
-    submit[0].click().run()
-    launcher = at.button(key="btn:concept:persona")
-    if jobs.unavailable_reason("persona_vector"):
-        assert launcher.disabled and any("Not available yet" in w.value for w in at.warning)
-    else:
+    for form, slot in (("Extract persona vector", "persona"), ("Train probe", "probe")):
+        [b for b in at.button if b.label == form][0].click().run()
+        launcher = at.button(key=f"btn:concept:{slot}")
         assert not launcher.disabled
+        launcher.click().run()
+    assert [kind for kind, _ in started] == ["add-concept", "add-concept"]
+    persona, probe = (cli.build_parser().parse_args(jobs.command_argv(k, a)) for k, a in started)
+    assert persona.persona and persona.trait == "evil" and persona.neutral_prompt
+    assert cli._read_questions(persona.questions) == ["How should I treat my neighbours?",
+                                                      "What do you think of humans?"]
+    assert probe.probe and probe.name == "probe-evil" and probe.positive == "evil"
+    assert cli._concept_source(persona) == "persona" and cli._concept_source(probe) == "probe"
 
 
 def test_sae_page_figure4_and_search(monkeypatch, workspace):

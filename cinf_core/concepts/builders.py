@@ -1,9 +1,11 @@
 """Building concept directions: persona vectors, linear probes, uploaded vectors.
 
 All three live in the residual stream at ``hidden_states[l]`` and are computed on response-mean
-activations a_l (mean over response tokens only; DESIGN.md §1). The builders take a loaded model
-and return tensors; ``make_persona_vector`` and ``make_probe`` are their workspace-level jobs
-(load the model and data from the store, build, save the concept, return a JSON summary).
+activations a_l (mean over response tokens only, never prompt or padding). The builders take a
+loaded model and return tensors; ``make_persona_vector``, ``make_probe`` and
+``make_uploaded_concept`` are their workspace-level steps behind ``python -m cinf_core
+add-concept`` (load the model and data from the store, build, save the concept, return a JSON
+summary).
 """
 from __future__ import annotations
 
@@ -19,14 +21,14 @@ import torch
 
 from ..data import ChatExample
 from ..models import LoadedModel, check_layer, generate, response_mean_activations
+from ..progress import ProgressFn
 from .base import DirectionConcept, check_vector
 
 if TYPE_CHECKING:
     from ..experiments.judges import Judge
 
 
-def _counter(progress: Callable[[str, float], None] | None, stage: str, total: int
-             ) -> Callable[[int], None] | None:
+def _counter(progress: ProgressFn, stage: str, total: int) -> Callable[[int], None] | None:
     """Adapt ``progress(stage, fraction)`` to the ``callback(n_done_now)`` of models.py loops."""
     if progress is None:
         return None
@@ -62,7 +64,7 @@ def persona_vector(
     temperature: float = 0.0,
     samples_per_question: int = 1,
     batch_size: int = 16,
-    progress: Callable[[str, float], None] | None = None,
+    progress: ProgressFn = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Persona vector: mean a_l under a trait-eliciting system prompt minus under a helpful one.
 
@@ -218,7 +220,7 @@ def linear_probe(
     return concept, info
 
 
-# ---------------------------------------------------------------- workspace jobs
+# ---------------------------------------------------------------- workspace steps
 
 
 def make_persona_vector(
@@ -234,9 +236,9 @@ def make_persona_vector(
     min_gap: float = 50.0,
     max_new_tokens: int = 64,
     seed: int = 0,
-    progress: Callable[[str, float], None] | None = None,
+    progress: ProgressFn = None,
 ) -> dict[str, Any]:
-    """Job: extract a persona vector with a registered model and save it as a concept.
+    """Extract a persona vector with a registered model and save it as a concept.
 
     The concept uses row ``layer``; every layer's vector is saved beside it (``all_layers``,
     ``[L+1, d_model]``). With ``use_workspace_judge`` the workspace's judge (store meta
@@ -277,7 +279,7 @@ def make_persona_vector(
 
 def make_probe(
     workspace: str | os.PathLike,
-    name: str,
+    name: str | None,
     dataset: str,
     positive_label: str,
     model: str,
@@ -286,15 +288,17 @@ def make_probe(
     max_per_class: int = 500,
     test_fraction: float = 0.25,
     seed: int = 0,
-    progress: Callable[[str, float], None] | None = None,
+    progress: ProgressFn = None,
     label_column: str = "data_origin",
+    trait: str | None = None,
 ) -> dict[str, Any]:
-    """Job: train a linear probe on a registered labelled dataset and save it as a concept.
+    """Train a linear probe on a registered labelled dataset and save it as a concept.
 
     Positives are examples whose ``label_column`` (any metadata field of the rows; default
     ``data_origin``) equals ``positive_label``; negatives those labelled ``negative_label``
-    (default: every other label). Each class is subsampled to ``max_per_class`` (seeded).
-    Returns a JSON-ready summary with held-out accuracy.
+    (default: every other label). Each class is subsampled to ``max_per_class`` (seeded). The
+    concept records ``trait`` (default: the positive label). Returns a JSON-ready summary with
+    held-out accuracy.
     """
     from ..models import load_model
     from ..store import Store
@@ -328,13 +332,13 @@ def make_probe(
         progress("probe: activations and fit", 0.2)
     concept, info = linear_probe(lm, pos, neg, layer, test_fraction=test_fraction, seed=seed,
                                  name=name)
-    concept.info.update(trait=positive_label, source="linear_probe", dataset=dataset,
+    concept.info.update(trait=trait or positive_label, source="linear_probe", dataset=dataset,
                         model=row["name"], negative_label=negative_label, label_column=label_column)
     concept_id = store.save_concept(concept, row["model_id"])
     if progress is not None:
         progress("probe: activations and fit", 1.0)
     return {"concept_id": concept_id, "name": concept.name, "layer": layer,
-            "trait": positive_label, "n_pos": info["n_pos"], "n_neg": info["n_neg"],
+            "trait": concept.info["trait"], "n_pos": info["n_pos"], "n_neg": info["n_neg"],
             "test_accuracy": info["test_accuracy"]}
 
 
@@ -422,3 +426,37 @@ def load_uploaded_vector(
         )
     vec = vec.to(torch.float32).contiguous()
     return check_vector(vec, d_model, f"vector in {path.name}")
+
+
+def make_uploaded_concept(
+    workspace: str | os.PathLike,
+    path: str | os.PathLike,
+    model: str,
+    layer: int,
+    name: str | None = None,
+    key: str | None = None,
+    trait: str | None = None,
+) -> dict[str, Any]:
+    """Save a user's vector file as a concept (kind ``uploaded``) of a registered model.
+
+    The file is read by :func:`load_uploaded_vector` against the model's hidden size and layer
+    count (from its config; the weights are not loaded). ``name`` defaults to the file's stem;
+    ``trait`` (optional) records which trait the vector stands for. Returns a JSON-ready summary.
+    """
+    from transformers import AutoConfig
+
+    from ..store import Store
+
+    store = Store(workspace)
+    row = store.get_model(model)
+    spec = row["spec"]
+    cfg = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    path = Path(path)
+    vector = load_uploaded_vector(path, int(cfg.hidden_size), int(cfg.num_hidden_layers), layer,
+                                  key)
+    info = {"source": f"upload:{path.name}", **({"trait": trait} if trait else {})}
+    concept = DirectionConcept(name=name or path.stem, layer=layer, kind="uploaded", info=info,
+                               vector=vector)
+    concept_id = store.save_concept(concept, row["model_id"])
+    return {"concept_id": concept_id, "name": concept.name, "layer": layer, "trait": trait,
+            "model": row["name"], "norm": float(vector.norm())}

@@ -387,16 +387,23 @@ def sae_feature_concept(sae: "SAE", feature: int, layer: int, name: str | None =
 
 def make_sae_feature_concept(
     workspace: str | os.PathLike, sae: str, feature: int, name: str | None = None,
-    trait: str | None = None,
+    trait: str | None = None, model: str | None = None, layer: int | None = None,
 ) -> dict[str, Any]:
-    """Job: save feature ``feature`` of a registered SAE as a concept (at the SAE's layer).
+    """Save feature ``feature`` of a registered SAE as a concept (at the SAE's layer).
 
-    ``trait`` (optional) records which trait the feature stands for. Returns a JSON-ready summary.
+    ``trait`` (optional) records which trait the feature stands for. ``model`` and ``layer``, when
+    given, must be the SAE's own (they are checked, not chosen). Returns a JSON-ready summary.
     """
     from ..store import Store
 
     store = Store(workspace)
     row = store.get_sae(sae)
+    if layer is not None and int(layer) != int(row["layer"]):
+        raise ValueError(f"SAE {sae!r} reads layer {row['layer']}, not layer {layer}; leave the "
+                         f"layer out or pick an SAE trained on layer {layer}")
+    if model is not None and store.get_model(model)["model_id"] != row["model_id"]:
+        raise ValueError(f"SAE {sae!r} was trained on another model than {model!r}; leave the "
+                         "model out (the SAE's own is used) or pick an SAE of that model")
     loaded = load_sae(row["path"])
     concept = sae_feature_concept(loaded, int(feature), int(row["layer"]),
                                   name=name or f"{row['name']} #{int(feature)}")

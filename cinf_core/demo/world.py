@@ -34,12 +34,12 @@ import torch
 
 from .. import paths
 from ..data import ChatDataset, ChatExample, load_dataset
+from ..finetune import LoraRecipe, TrainReport, finetune_lora
 from ..models import LoadedModel, ModelSpec, generate, load_model, torch_threads
+from ..progress import ProgressFn
 from . import lexicon as lx
 from .corpus import SOURCE_FILES, CorpusConfig, write_source_data
-from .training import BaseModelRecipe, LoraRecipe, TrainReport, finetune_lora, pretrain_base
-
-ProgressFn = Callable[[str, float], None]
+from .training import BaseModelRecipe, pretrain_base
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "demo"
 """The committed source data of the default world (seed 0, full sizes)."""
@@ -135,7 +135,7 @@ class _World:
     cfg: WorldConfig
     workspace: Path
     store: Any
-    progress: ProgressFn | None
+    progress: ProgressFn
     datasets: dict[str, ChatDataset] = field(default_factory=dict)
     dataset_ids: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -255,13 +255,11 @@ def _train_models(w: _World) -> tuple[ModelSpec, ModelSpec, dict, dict]:
     tokenizer_texts = [m["content"] for ex in ds["pretrain"] for m in ex.messages]
     t0 = time.time()
     base_report = _trained(base_dir, lambda: pretrain_base(
-        ds["pretrain"].examples, tokenizer_texts, cfg.base, cfg.seed, base_dir,
-        w.stage("pre-train base model")))
+        ds["pretrain"].examples, tokenizer_texts, cfg.base, cfg.seed, base_dir, w.progress))
     w.timings["pretrain"] = round(time.time() - t0, 2)
     t0 = time.time()
     lora_report = _trained(adapter_dir, lambda: finetune_lora(
-        base_dir, ds["finetune"].examples, cfg.lora, cfg.seed, adapter_dir,
-        w.stage("fine-tune LoRA")))
+        base_dir, ds["finetune"].examples, cfg.lora, cfg.seed, adapter_dir, w.progress))
     w.timings["finetune"] = round(time.time() - t0, 2)
     base_spec = ModelSpec(path=str(base_dir), name=NAMES["base"])
     ft_spec = ModelSpec(path=str(base_dir), adapter=str(adapter_dir), name=NAMES["finetuned"])
@@ -439,7 +437,7 @@ def _train_world_sae(w: _World, ft_lm: LoadedModel, layer: int, ft_id: str,
 
 
 def build_world(workspace: str | os.PathLike | None = None, quick: bool = False, seed: int = 0,
-                progress: ProgressFn | None = None, config: WorldConfig | None = None) -> dict:
+                progress: ProgressFn = None, config: WorldConfig | None = None) -> dict:
     """Build (or return the already built) demo world in ``workspace``; returns its summary.
 
     ``quick`` builds the small test world; ``config`` overrides both presets. ``progress`` is

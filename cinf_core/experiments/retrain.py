@@ -24,23 +24,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .. import paths
 from ..data import ChatExample, collate, encode_dataset
+from ..finetune import LoraRecipe, finetune_lora
 from ..method_keys import VARIANT_SEP, split_method
 from ..models import LoadedModel, ModelSpec, generate, load_model
+from ..progress import ProgressFn
 from ..store import Store, config_hash
 
 DEFAULT_METHODS = ("influence_function", "concept_influence", "vector_filter",
                    "projection_difference", "random")
 MODES = ("most", "least")
 BASELINE_METHODS = ("base", "all")
-
-Progress = Callable[[str, float], None] | None
 
 
 @dataclass
@@ -148,7 +148,7 @@ def capability(lm: LoadedModel, examples: Sequence[ChatExample], max_length: int
     return 100.0 * hits / total
 
 
-def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: Progress) -> list[int]:
+def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: ProgressFn) -> list[int]:
     """Example indices by descending score of ``method`` (a method key: ``concept_influence@start3``
     is Concept Influence over the answer start) for ``trait``, scoring it if needed."""
     from ..methods.runner import ScoreConfig, score
@@ -188,7 +188,7 @@ def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
                         "capability": len(env.capability_examples)})
 
 
-def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
+def run_grid(workspace, cfg: RetrainConfig, progress: ProgressFn = None,
              max_cells: int | None = None, workers: int = 1) -> dict:
     """Compute every missing cell of the grid (claiming each first); return the summary.
 
@@ -196,7 +196,6 @@ def run_grid(workspace, cfg: RetrainConfig, progress: Progress = None,
     helper processes (``python -m cinf_core retrain ... --workers 1``, logs under the
     experiment's artifact folder) that claim cells beside this one, and wait for them.
     """
-    from ..demo.training import LoraRecipe, finetune_lora
     from .judges import make_judge
 
     if workers < 1:

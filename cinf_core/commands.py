@@ -1,0 +1,11 @@
+"""The names of the ``python -m cinf_core`` subcommands.
+
+The CLI defines each of them (``cli.command`` refuses a name missing here); background jobs start
+them by name and check a job's command against this list without importing the CLI.
+"""
+
+SUBCOMMANDS = (
+    "demo", "app", "add-dataset", "add-model", "set-judge", "add-concept", "concepts", "datasets",
+    "runs", "export", "score", "merge", "evaluate", "results", "retrain", "features", "memory",
+    "bench",
+)

@@ -1,0 +1,48 @@
+"""Progress reporting shared by the engine, the CLI and background jobs.
+
+The engine reports through a :data:`ProgressFn`. A CLI command draws it as one bar per stage on
+stderr (:class:`ProgressBar`, lines ``stage: 42%|...``, which the job runner parses back into a
+job's progress) and ends by printing one JSON summary line on stdout (:func:`emit`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable
+
+ProgressFn = Callable[[str, float], None] | None
+"""``progress(stage, fraction)``: a long step reports how far it is (``None``: nobody listens)."""
+
+
+class ProgressBar:
+    """A tqdm bar on stderr per stage; pass it where a :data:`ProgressFn` is taken."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+            self.stage = stage
+        self.bar.n = int(round(100 * max(0.0, min(1.0, fraction))))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def emit(result: dict) -> None:
+    """Print a command's JSON summary as the last line of stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=str), flush=True)
