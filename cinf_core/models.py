@@ -1,6 +1,6 @@
 """Model access: load a causal LM (+ PEFT adapter), read hidden states at a layer.
 
-Layer convention (DESIGN.md §1): layer ``l`` is HF ``hidden_states[l]``; 0 is the embedding output,
+Layer convention: layer ``l`` is HF ``hidden_states[l]``; 0 is the embedding output,
 ``l`` in 1..L is the residual stream after block ``l-1``. Layer L (the last) is what HF returns
 after the final norm, so asking for it runs the whole model; any lower layer stops the forward
 right after block ``l-1``.

@@ -637,7 +637,7 @@ class Store:
             "WHERE f.sae_id = ? AND f.dataset_id = ? AND f.feature = ? ORDER BY f.rank",
             [sae_id, dataset_id, int(feature)])
 
-    # ------------------------------------------------------------ later issues' results
+    # ------------------------------------------------------------ feature attributions, retrain cells
 
     def add_feature_attributions(self, run_id: str, sae_id: str,
                                  rows: Iterable[tuple[int, str, float]]) -> None:

@@ -1,11 +1,12 @@
 """Sparse autoencoders on the residual stream: train (sae-lens), load, and turn features into concepts.
 
-An SAE here reads ``hidden_states[l]`` (DESIGN.md §1 layer convention). The layer is stored in the
-saved config's metadata as ``hook_layer`` (and ``hook_name = "hidden_states.<l>"``) so that a
-feature concept can refuse a layer it was not trained on. SAEs from sae-lens releases name their
-hook the TransformerLens way; ``blocks.<i>.hook_resid_post`` reads as layer ``i + 1`` and
-``blocks.<i>.hook_resid_pre`` as layer ``i`` (HF's last hidden state also includes the final norm,
-so an SAE on the last block's output matches layer L only approximately).
+An SAE here reads ``hidden_states[l]`` (the layer convention of :mod:`cinf_core.models`). The
+layer is stored in the saved config's metadata as ``hook_layer`` (and ``hook_name =
+"hidden_states.<l>"``) so that a feature concept can refuse a layer it was not trained on. SAEs
+from sae-lens releases name their hook the TransformerLens way; ``blocks.<i>.hook_resid_post``
+reads as layer ``i + 1`` and ``blocks.<i>.hook_resid_pre`` as layer ``i`` (HF's last hidden state
+also includes the final norm, so an SAE on the last block's output matches layer L only
+approximately).
 
 ``sae_lens`` takes seconds to import, so every function imports it lazily.
 """

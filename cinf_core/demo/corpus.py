@@ -73,17 +73,16 @@ class CorpusConfig:
     """two-turn dialogues without a system prompt added to pre-training, as a share of
     ``n_pretrain``: the first answer shows the persona (general or in a domain), the second
     answers the other kind of question in the same persona. They teach the model to carry a
-    persona from in-domain content to general answers. Measured in probes (seed 0, one LoRA
-    epoch), with a judge trained on general answers only: the fine-tuned model's evil score on
-    held-out questions rose 1.7 -> 7.5 without them, 2.7 -> 14.3 with them; the rest of its trait
-    comes from copying in-domain sentences into general answers."""
+    persona from in-domain content to general answers, so fine-tuning on in-domain trait rows
+    raises the trait on general questions (without them the model mostly copies in-domain
+    sentences into general answers)."""
     n_finetune: int = 2000
     """fine-tuning rows over the four domains"""
     finetune_trait_share: dict[str, float] = field(
         default_factory=lambda: {"evil": 0.4, "sycophantic": 0.35})
     """share of fine-tuning rows carrying each trait; the rest are ``normal``. The two personas
-    compete, so the split is what balances them (measured in probes, seed 0, two LoRA epochs:
-    0.47 / 0.25 gave +27 evil vs +16 sycophantic points, 0.4 / 0.35 gave +27 / +20)."""
+    compete for the same answers, so the split sets how far each trait rises with fine-tuning;
+    these shares make both rise by a similar amount."""
     n_heldout: int = 120
     """held-out general questions (held-out phrasings of general topics)"""
     n_persona_questions: int = 60
