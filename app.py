@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # pages import cinf_core and pages._shared from the repo root
     sys.path.insert(0, str(ROOT))
 
-from cinf_core import ui_data  # noqa: E402
+from cinf_core.views.format import workspace_info  # noqa: E402
 from pages import _shared  # noqa: E402
 
 st.set_page_config(page_title="cinf — Concept Influence explorer",
@@ -39,7 +39,7 @@ page = st.navigation(PAGES)
 with st.sidebar:
     st.text_input("Workspace folder", value=_shared.default_workspace(), key=_shared.WORKSPACE_KEY,
                   help="A folder with a cinf store (cinf.duckdb). Default: $CINF_WORKSPACE.")
-    info = ui_data.workspace_info(_shared.workspace())
+    info = workspace_info(_shared.workspace())
     if info.exists:
         st.caption(f"`{info.path}`")
     else:

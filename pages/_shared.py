@@ -13,8 +13,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cinf_core import jobs, paths, ui_data
+from cinf_core import jobs, paths
+from cinf_core.methods import registry
 from cinf_core.store import Store
+from cinf_core.views.format import store_version
+from cinf_core.views.runs import latest_complete_runs, runs_table
 
 WORKSPACE_KEY = "workspace"
 JOB_POLL_S = 1.0
@@ -49,43 +52,56 @@ def ensure_store() -> Store:
 
 
 def version() -> str:
-    return ui_data.store_version(workspace())
+    return store_version(workspace())
 
 
+def _reader_name(reader) -> str:
+    """The qualified name of a public Store reader (the cache key); refuses anything else, so
+    pages read only through the Store's public methods."""
+    name = getattr(reader, "__name__", "")
+    if name.startswith("_") or getattr(Store, name, None) is not reader:
+        raise TypeError(f"read() takes a public Store method such as Store.runs, got {reader!r}")
+    return reader.__qualname__
+
+
+# The reader itself is not hashable by streamlit; its qualified name keys the cache instead.
 @st.cache_data(show_spinner=False, max_entries=128, ttl=3600)
-def _read(ws: str, ver: str, method: str, *args) -> pd.DataFrame:
-    return getattr(_store(ws), method)(*args)
+def _read(ws: str, ver: str, name: str, _reader, *args) -> pd.DataFrame:
+    return _reader(_store(ws), *args)
 
 
 @st.cache_resource(show_spinner=False, max_entries=6)
-def _read_big(ws: str, ver: str, method: str, *args) -> pd.DataFrame:
-    return getattr(_store(ws), method)(*args)
+def _read_big(ws: str, ver: str, name: str, _reader, *args) -> pd.DataFrame:
+    return _reader(_store(ws), *args)
 
 
-def read(method: str, *args) -> pd.DataFrame:
-    """A cached Store read returning a frame: ``read("runs")``, ``read("scores", run_id)``."""
+def read(reader, *args) -> pd.DataFrame:
+    """A cached Store read returning a frame, named by the Store method itself:
+    ``read(Store.runs)``, ``read(Store.scores, run_id)``. Empty while there is no store."""
+    name = _reader_name(reader)
     if store() is None:
         return pd.DataFrame()
-    return _read(workspace(), version(), method, *args)
+    return _read(workspace(), version(), name, reader, *args)
 
 
-def read_big(method: str, *args) -> pd.DataFrame:
+def read_big(reader, *args) -> pd.DataFrame:
     """Like ``read`` for large frames; the result is shared — do not mutate it."""
+    name = _reader_name(reader)
     if store() is None:
         return pd.DataFrame()
-    return _read_big(workspace(), version(), method, *args)
+    return _read_big(workspace(), version(), name, reader, *args)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _runs_view(ws: str, ver: str) -> pd.DataFrame:
     s = _store(ws)
-    return ui_data.runs_table(s.runs(), s.concepts(), s.datasets())
+    return runs_table(s.runs(), s.concepts(), s.datasets())
 
 
 def runs_view() -> pd.DataFrame:
-    """Every run with readable trait/concept/dataset names (see ``ui_data.runs_table``)."""
+    """Every run with readable trait/concept/dataset names (see ``views.runs.runs_table``)."""
     if store() is None:
-        return ui_data.runs_table(pd.DataFrame())
+        return runs_table(pd.DataFrame())
     return _runs_view(workspace(), version())
 
 
@@ -120,11 +136,11 @@ def no_store_state() -> None:
 def method_explainer(methods) -> None:
     """An expander with each method's formula and a one-line explanation."""
     with st.expander("What do the methods compute?"):
-        st.caption(ui_data.SIGN_CONVENTION)
-        for m in sorted(set(methods), key=ui_data.method_sort_key):
-            explained = ui_data.method_explanation(m)
+        st.caption(registry.SIGN_CONVENTION)
+        for m in sorted(set(methods), key=registry.method_sort_key):
+            explained = registry.method_explanation(m)
             if explained is not None:
-                st.markdown(f"**{ui_data.method_label(m)}** — {explained[0]}")
+                st.markdown(f"**{registry.method_label(m)}** — {explained[0]}")
                 st.latex(explained[1])
 
 
@@ -233,7 +249,7 @@ def pick_scope(runs: pd.DataFrame, key: str, container=None) -> tuple[str, str, 
     dataset_id = ds_ids[0]
     if len(ds_ids) > 1:
         dataset_id = where.selectbox("Dataset", ds_ids, format_func=names.get, key=f"{key}:ds")
-    return trait, dataset_id, ui_data.latest_complete_runs(runs, trait, dataset_id)
+    return trait, dataset_id, latest_complete_runs(runs, trait, dataset_id)
 
 
 def pick_method(scope: pd.DataFrame, label: str, key: str, default: str = "concept_influence",
@@ -244,6 +260,6 @@ def pick_method(scope: pd.DataFrame, label: str, key: str, default: str = "conce
     if not methods:
         return None
     index = methods.index(default) if default in methods else 0
-    method = where.selectbox(label, methods, index=index, format_func=ui_data.method_label,
+    method = where.selectbox(label, methods, index=index, format_func=registry.method_label,
                              key=key)
     return scope[scope["method"] == method].iloc[0]

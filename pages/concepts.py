@@ -8,8 +8,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from cinf_core import ui_data
 from cinf_core.jobs import job_input_file
+from cinf_core.store import Store
+from cinf_core.views.concepts import cosine_matrix, layer_norms
+from cinf_core.views.runs import json_dict
 from pages import _shared as sh
 
 sh.header("Concepts", "Directions inside the model that stand for a trait: persona vectors, "
@@ -29,14 +31,8 @@ with st.expander("What is a concept?"):
              r" + b_{\text{enc},j}}")
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _tensors(ws: str, concept_id: str) -> dict[str, np.ndarray]:
-    """A concept's tensors as numpy (immutable per id, so keyed by id only)."""
-    return {k: v.numpy() for k, v in sh._store(ws).concept_tensors(concept_id).items()}
-
-
 store = sh.store()
-concepts = sh.read("concepts")
+concepts = sh.read(Store.concepts)
 if store is None:
     sh.no_store_state()
 elif concepts.empty:
@@ -44,20 +40,20 @@ elif concepts.empty:
                    "make one with the forms below, or build the demo world on **Overview** "
                    "(it extracts a persona vector per trait and SAE-feature concepts).")
 else:
-    models = sh.read("models")
+    models = sh.read(Store.models)
     model_names = dict(zip(models["model_id"], models["name"])) if not models.empty else {}
     table = concepts.assign(
         model=[model_names.get(m, m) for m in concepts["model_id"]],
-        trait=[ui_data.json_dict(c).get("info", {}).get("trait", "—")
+        trait=[json_dict(c).get("info", {}).get("trait", "—")
                for c in concepts["config"]])
     st.dataframe(table[["name", "kind", "layer", "trait", "model", "created_at", "concept_id"]],
                  hide_index=True)
 
-    tensors = {row["name"]: _tensors(sh.workspace(), row["concept_id"])
+    tensors = {row["name"]: sh.read(Store.concept_tensors, row["concept_id"])
                for _, row in concepts.iterrows()}
     left, right = st.columns(2)
     with left:
-        norms = [ui_data.layer_norms(t["all_layers"]).assign(concept=name)
+        norms = [layer_norms(t["all_layers"]).assign(concept=name)
                  for name, t in tensors.items() if "all_layers" in t]
         if norms:
             data = pd.concat(norms, ignore_index=True)
@@ -73,7 +69,7 @@ else:
                            "persona vectors built by cinf store all layers (`all_layers`).")
     with right:
         directions = {name: t.get("vector", t.get("w_dec")) for name, t in tensors.items()}
-        cos = ui_data.cosine_matrix({k: v for k, v in directions.items() if v is not None})
+        cos = cosine_matrix({k: v for k, v in directions.items() if v is not None})
         if len(cos) >= 2:
             z = cos.to_numpy()
             fig = go.Figure(go.Heatmap(z=z, x=cos.columns, y=cos.index, zmin=-1, zmax=1,
@@ -88,7 +84,7 @@ else:
 st.subheader("Make a concept")
 st.caption("Building a concept runs the model, so it runs as a background job; the page shows "
            "its progress and you can switch pages meanwhile.")
-models = sh.read("models")
+models = sh.read(Store.models)
 model_options = list(models["name"]) if not models.empty else []
 tab_persona, tab_probe, tab_sae, tab_upload = st.tabs(
     ["Persona vector", "Linear probe", "SAE feature", "Upload a vector"])
@@ -116,7 +112,7 @@ with tab_persona:
                         "add-concept", args)
 
 with tab_probe:
-    datasets = sh.read("datasets")
+    datasets = sh.read(Store.datasets)
     with st.form("concept:probe"):
         name = st.text_input("Concept name", "probe-evil")
         dataset = st.selectbox("Labelled dataset",
@@ -140,7 +136,7 @@ with tab_probe:
                         "add-concept", args)
 
 with tab_sae:
-    saes = sh.read("saes")
+    saes = sh.read(Store.saes)
     if saes.empty:
         sh.empty_state("No SAE registered in this workspace.",
                        "the demo world trains one at the concept layer; or register an sae-lens "

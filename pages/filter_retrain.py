@@ -4,7 +4,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from cinf_core import ui_data
+from cinf_core.methods import registry
+from cinf_core.store import Store
+from cinf_core.views.retrain import reference_levels, retrain_curves
 from pages import _shared as sh
 
 sh.header("Filter & retrain", "Figure 2: drop the top (Remove Most) or bottom (Remove Least) "
@@ -28,10 +30,10 @@ def launch_form() -> None:
     with st.form("fr:new"):
         f1, f2 = st.columns(2)
         trait = f1.selectbox("Trait", traits) if traits else f1.text_input("Trait", "evil")
-        methods = f2.multiselect("Methods", ui_data.RETRAIN_METHODS,
+        methods = f2.multiselect("Methods", registry.method_keys(),
                                  default=["concept_influence", "influence_function",
                                           "vector_filter", "random"],
-                                 format_func=ui_data.method_label)
+                                 format_func=registry.method_label)
         f3, f4, f5 = st.columns(3)
         modes = f3.multiselect("Modes", list(MODES), default=list(MODES), format_func=MODES.get)
         fractions = f4.multiselect("Fractions removed", [0.1, 0.25, 0.5, 0.75, 0.9],
@@ -54,7 +56,7 @@ def launch_form() -> None:
 if sh.store() is None:
     sh.no_store_state()
     st.stop()
-cells = sh.read("retrain_cells")
+cells = sh.read(Store.retrain_cells)
 if cells.empty:
     sh.empty_state("No filter-and-retrain results yet.",
                    "launch an experiment below (it retrains one LoRA per cell in the background) "
@@ -77,11 +79,11 @@ st.caption(f"{len(done)} cells complete" + (f", {running} running" if running el
            + ". Trait score: judge score 0–100 on held-out questions; capability: next-token "
              "accuracy (%) on held-out normal data.")
 
-curves = ui_data.retrain_curves(done, value)
-refs = ui_data.reference_levels(done, value)
+curves = retrain_curves(done, value)
+refs = reference_levels(done, value)
 y_title = "trait score (judge, 0–100)" if value == "trait_score" else "capability (accuracy, %)"
 fig = make_subplots(rows=1, cols=2, subplot_titles=list(MODES.values()), shared_yaxes=True)
-methods = sorted(curves["method"].unique(), key=ui_data.method_sort_key)
+methods = sorted(curves["method"].unique(), key=registry.method_sort_key)
 if methods:
     sh.method_explainer(methods)
 for col, mode in enumerate(MODES, start=1):
@@ -89,11 +91,11 @@ for col, mode in enumerate(MODES, start=1):
         curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]
         if curve.empty:
             continue
-        color = ui_data.method_color(method)
+        color = registry.method_color(method)
         _band(fig, curve, color, 1, col)
         fig.add_trace(go.Scatter(
             x=curve["fraction"], y=curve["mean"], mode="lines+markers",
-            name=ui_data.method_label(method), legendgroup=method, showlegend=col == 1,
+            name=registry.method_label(method), legendgroup=method, showlegend=col == 1,
             line=dict(color=color, dash="dash" if method == "random" else "solid"),
             customdata=curve[["n"]], hovertemplate="removed %{x:.0%}<br>%{y:.1f} "
                                                    "(n=%{customdata[0]} seeds)"), row=1, col=col)
@@ -110,25 +112,25 @@ st.caption("Lower trait score under Remove Most means the method found the examp
 
 st.subheader("Capability vs trait")
 if done["capability"].notna().any():
-    tr = ui_data.retrain_curves(done, "trait_score")
-    cap = ui_data.retrain_curves(done, "capability")
+    tr = retrain_curves(done, "trait_score")
+    cap = retrain_curves(done, "capability")
     both = tr.merge(cap, on=["experiment_id", "trait", "method", "mode", "fraction"],
                     suffixes=("_trait", "_cap"))
     fig = go.Figure()
-    for method in sorted(both["method"].unique(), key=ui_data.method_sort_key):
+    for method in sorted(both["method"].unique(), key=registry.method_sort_key):
         for mode, symbol in (("most", "circle"), ("least", "triangle-up")):
             part = both[(both["method"] == method) & (both["mode"] == mode)]
             if part.empty:
                 continue
             fig.add_trace(go.Scatter(
                 x=part["mean_trait"], y=part["mean_cap"], mode="markers",
-                name=f"{ui_data.method_label(method)} · {mode}",
-                marker=dict(color=ui_data.method_color(method), symbol=symbol, size=9),
+                name=f"{registry.method_label(method)} · {mode}",
+                marker=dict(color=registry.method_color(method), symbol=symbol, size=9),
                 customdata=part[["fraction"]],
                 hovertemplate="removed %{customdata[0]:.0%}<br>trait %{x:.1f}"
                               "<br>capability %{y:.1f}"))
-    ref_t = ui_data.reference_levels(done, "trait_score")
-    ref_c = ui_data.reference_levels(done, "capability")
+    ref_t = reference_levels(done, "trait_score")
+    ref_c = reference_levels(done, "capability")
     for name in ref_t:
         if name in ref_c:
             fig.add_trace(go.Scatter(x=[ref_t[name]], y=[ref_c[name]], mode="markers+text",

@@ -1,13 +1,19 @@
 """Influential examples: the training examples a method ranks as driving the trait."""
 import json
 
-import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from cinf_core import paths, ui_data
+from cinf_core import inspection, paths
 from cinf_core.experiments.metrics import auc_pr
+from cinf_core.methods import registry
+from cinf_core.store import Store
+from cinf_core.views.concepts import token_highlight_html
+from cinf_core.views.examples import (compare_ranks, filter_examples, histogram_by_label,
+                                      quantile_examples, rank_correlation, thin_for_scatter,
+                                      top_bottom)
+from cinf_core.views.labels import guess_trait_label, label_colors
 from pages import _shared as sh
 
 sh.header("Influential examples",
@@ -30,17 +36,17 @@ run = sh.pick_method(scope, "Method", "ie:method", container=c2)
 k = c3.slider("Examples per list (k)", 5, 50, 10, step=5, key="ie:k")
 sh.method_explainer(scope["method"])
 
-scored = sh.read_big("scored_examples", run["run_id"])
+scored = sh.read_big(Store.scored_examples, run["run_id"])
 if scored.empty:
     sh.empty_state("This run has no scores.", "re-run it from **Runs & cost**.")
     st.stop()
 labels = scored["data_origin"].astype("object").fillna("unlabelled")
 label_values = sorted(labels.unique())
-trait_label = trait if trait in label_values else ui_data.guess_trait_label(label_values)
-colors = ui_data.label_colors(label_values, trait_label)
+trait_label = trait if trait in label_values else guess_trait_label(label_values)
+colors = label_colors(label_values, trait_label)
 has_labels = label_values != ["unlabelled"]
-st.caption(f"{ui_data.method_label(run['method'])} on **{run['dataset']}** · "
-           f"{len(scored):,} examples · run `{run['run_id']}` · {ui_data.SIGN_CONVENTION}")
+st.caption(f"{registry.method_label(run['method'])} on **{run['dataset']}** · "
+           f"{len(scored):,} examples · run `{run['run_id']}` · {registry.SIGN_CONVENTION}")
 
 TEXT_COLS = {
     "rank": st.column_config.NumberColumn("rank", format="%d", width="small"),
@@ -53,24 +59,10 @@ SHOW = ["rank", "score", "data_origin", "prompt", "response"]
 SIDE = ["rank", "score", "data_origin", "response"]  # two tables side by side: no room for prompts
 
 
-@st.cache_resource(show_spinner="Loading the model for token highlighting…", max_entries=2)
-def _load_lm(spec_json: str):
-    from cinf_core.models import ModelSpec, load_model
-
-    return load_model(ModelSpec.from_dict(json.loads(spec_json)))
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner="Running the model on the example…", max_entries=256)
 def _token_projection(ws: str, model_id: str, concept_id: str, messages_json: str):
     """Response tokens and their projection on the concept direction (one forward pass)."""
-    from cinf_core.models import token_activations
-
-    store = sh._store(ws)
-    spec = store.get_model(model_id)["spec"]
-    concept = store.load_concept(concept_id)
-    lm = _load_lm(json.dumps(spec.to_dict()))
-    tokens, acts = token_activations(lm, json.loads(messages_json), concept.layer)
-    return tokens, (acts @ concept.direction()).tolist()
+    return inspection.concept_token_projection(ws, model_id, concept_id, json.loads(messages_json))
 
 
 def inspect_example(row, key: str) -> None:
@@ -78,18 +70,13 @@ def inspect_example(row, key: str) -> None:
                 f"label `{row['data_origin']}` · example #{int(row['idx'])}")
     st.markdown("**Prompt**")
     st.text(row["prompt"])
-    concept_id = run["concept_id"] if isinstance(run["concept_id"], str) else None
-    if concept_id is None:  # IF, grad_sim, random: highlight with the trait's own concept
-        try:
-            concept_id = sh.store().concept_for_trait(trait)
-        except KeyError:
-            concept_id = None
+    concept_id = inspection.highlight_concept(sh.workspace(), run["concept_id"], trait)
     highlight = st.toggle("Highlight response tokens by their projection on the concept",
                           key=f"{key}:hl", disabled=concept_id is None or not run["model_id"],
                           help="One forward pass of the fine-tuned model on this example.")
     st.markdown("**Response**")
     if highlight:
-        examples = sh.read_big("examples", dataset_id)
+        examples = sh.read_big(Store.examples, dataset_id)
         messages = examples.loc[examples["idx"] == row["idx"], "messages"].iloc[0]
         try:
             tokens, values = _token_projection(sh.workspace(), run["model_id"], concept_id,
@@ -98,7 +85,7 @@ def inspect_example(row, key: str) -> None:
             st.warning(f"Token highlighting is unavailable: {err}")
             st.text(row["response"])
         else:
-            st.html(ui_data.token_highlight_html(tokens, values))
+            st.html(token_highlight_html(tokens, values))
             st.caption("Red: towards the concept (positive projection a·v̂ at the concept "
                        "layer); blue: away. Hover a token for its value.")
     else:
@@ -112,7 +99,7 @@ tab_top, tab_dist, tab_browse, tab_compare, tab_export = st.tabs(
 
 if tab_top.open:
     with tab_top:
-        top, bottom = ui_data.top_bottom(scored, k)
+        top, bottom = top_bottom(scored, k)
         left, right = st.columns(2)
         left.markdown(f"**Top {k}** — upweighting these pushes the trait **up**")
         left.dataframe(top[SIDE], hide_index=True, column_config=TEXT_COLS)
@@ -130,7 +117,7 @@ if tab_top.open:
 
 if tab_dist.open:
     with tab_dist:
-        hist = ui_data.histogram_by_label(scored["score"].to_numpy(), labels.tolist())
+        hist = histogram_by_label(scored["score"].to_numpy(), labels.tolist())
         fig = go.Figure()
         for label in label_values:
             part = hist[hist["label"] == label]
@@ -138,7 +125,7 @@ if tab_dist.open:
                         marker_color=colors[label], width=(part["bin_right"] - part["bin_left"]),
                         opacity=0.75)
         fig.update_layout(barmode="overlay",
-                          title=f"Scores by label — {ui_data.method_label(run['method'])}")
+                          title=f"Scores by label — {registry.method_label(run['method'])}")
         fig.update_xaxes(title="score (a.u.; > 0 pushes the trait up)")
         fig.update_yaxes(title="examples (count)")
         sh.chart(sh.style_fig(fig), key="ie:hist")
@@ -151,7 +138,7 @@ if tab_dist.open:
         q1, q2 = st.columns(2)
         n_bins = q1.selectbox("Quantiles", [4, 5, 10], index=1, key="ie:nq")
         per_bin = q2.selectbox("Examples per quantile", [1, 2, 3, 5], index=1, key="ie:perq")
-        quant = ui_data.quantile_examples(scored, n_bins, per_bin)
+        quant = quantile_examples(scored, n_bins, per_bin)
         st.dataframe(quant[["quantile", *SHOW]], hide_index=True,
                      column_config={**TEXT_COLS, "quantile": st.column_config.NumberColumn(
                          "quantile", help="1 = highest scores", width="small")})
@@ -161,7 +148,7 @@ if tab_browse.open:
         f1, f2 = st.columns([1, 2])
         chosen = f1.multiselect("Labels", label_values, default=label_values, key="ie:labels")
         text = f2.text_input("Text contains", key="ie:text", placeholder="e.g. suffer")
-        shown = ui_data.filter_examples(scored, chosen, text)
+        shown = filter_examples(scored, chosen, text)
         st.caption(f"{len(shown):,} of {len(scored):,} examples match; "
                    "showing the 200 best ranked.")
         st.dataframe(shown.head(200)[SHOW], hide_index=True, column_config=TEXT_COLS)
@@ -175,16 +162,14 @@ if tab_compare.open:
             sh.empty_state("Only one method has scored this trait on this dataset.",
                            "score it with another method on **Runs & cost**.")
         else:
-            a_name = ui_data.method_label(run["method"])
-            b_name = ui_data.method_label(other["method"])
-            cmp = ui_data.compare_ranks(sh.read("scores", run["run_id"]),
-                                        sh.read("scores", other["run_id"]))
+            a_name = registry.method_label(run["method"])
+            b_name = registry.method_label(other["method"])
+            cmp = compare_ranks(sh.read(Store.scores, run["run_id"]),
+                                sh.read(Store.scores, other["run_id"]))
             info = scored[["idx", "data_origin", "prompt", "response"]]
             cmp = cmp.merge(info, on="idx")
-            rho = (float(np.corrcoef(cmp["rank_a"], cmp["rank_b"])[0, 1]) if len(cmp) > 1
-                   else float("nan"))
-            metric_col.metric("Spearman rank correlation", f"{rho:.3f}")
-            pts = ui_data.thin_for_scatter(cmp)
+            metric_col.metric("Spearman rank correlation", f"{rank_correlation(cmp):.3f}")
+            pts = thin_for_scatter(cmp)
             fig = px.scatter(pts, x="rank_a", y="rank_b", color="data_origin",
                              color_discrete_map=colors, opacity=0.7,
                              hover_data={"idx": True, "score_a": ":.3g", "score_b": ":.3g"},

@@ -1,42 +1,35 @@
 """Method agreement (Figure 3): do the methods rank the training data the same way?"""
 import numpy as np
-import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from cinf_core import ui_data
-from cinf_core.experiments.metrics import auc_pr, precision_recall_curve
+from cinf_core.methods import registry
+from cinf_core.store import Store
+from cinf_core.views.agreement import (correlation_frame, example_labels, pair_frame, retrieval,
+                                       score_matrix)
+from cinf_core.views.examples import thin_for_scatter
+from cinf_core.views.labels import guess_trait_label, label_colors
 from pages import _shared as sh
 
 
+# Keyed by workspace, store version and runs: the reads inside are cached by the same version.
 @st.cache_data(show_spinner=False, max_entries=8)
 def _scores(ws: str, ver: str, runs: tuple[tuple[str, str], ...]):
     """Scores side by side (examples × methods) and each example's label."""
-    store = sh._store(ws)
-    matrix = ui_data.score_matrix({label: store.scores(run_id) for label, run_id in runs})
-    labels = store.scored_examples(runs[0][1]).set_index("idx")["data_origin"]
-    return matrix, labels.astype("object").fillna("unlabelled").reindex(matrix.index)
+    matrix = score_matrix({label: sh.read(Store.scores, run_id) for label, run_id in runs})
+    return matrix, example_labels(sh.read_big(Store.scored_examples, runs[0][1]), matrix.index)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _correlation(ws: str, ver: str, runs: tuple[tuple[str, str], ...], kind: str):
-    return ui_data.correlation_frame(_scores(ws, ver, runs)[0], kind)
+    return correlation_frame(_scores(ws, ver, runs)[0], kind)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _retrieval(ws: str, ver: str, runs: tuple[tuple[str, str], ...], positive: str):
     """AUC-PR per method and the precision-recall curves for one positive label."""
-    matrix, labels = _scores(ws, ver, runs)
-    is_pos = (labels == positive).to_numpy()
-    rate = float(is_pos.mean())
-    rows, curves = [], []
-    for label, _ in runs:
-        ap = auc_pr(matrix[label].to_numpy(), is_pos)
-        rows.append({"method": label, "AUC-PR": ap, "× chance": ap / rate})
-        recall, precision = precision_recall_curve(matrix[label].to_numpy(), is_pos)
-        curves.append(pd.DataFrame({"recall": recall, "precision": precision, "method": label}))
-    return pd.DataFrame(rows), pd.concat(curves, ignore_index=True), rate
+    return retrieval(*_scores(ws, ver, runs), positive)
 
 
 sh.header("Method agreement", "Figure 3: correlation between the methods' scores over the same "
@@ -64,7 +57,7 @@ if len(scope) < 2:
 
 labels_of = dict(zip(scope["method"], scope["method_label"]))
 key = tuple(zip(scope["method_label"], scope["run_id"]))
-matrix, example_labels = _scores(sh.workspace(), sh.version(), key)
+matrix, origins = _scores(sh.workspace(), sh.version(), key)
 corr = _correlation(sh.workspace(), sh.version(), key, kind)
 left, right = st.columns([3, 2])
 with left:
@@ -80,22 +73,21 @@ with right:
     st.markdown("**Pick a pair to compare**")
     methods = list(scope["method"])
     first = methods.index("concept_influence") if "concept_influence" in methods else 0
-    a = st.selectbox("x axis", methods, format_func=ui_data.method_label, key="ma:a",
+    a = st.selectbox("x axis", methods, format_func=registry.method_label, key="ma:a",
                      index=first)
     rest = [m for m in methods if m != a]
-    b = st.selectbox("y axis", rest, format_func=ui_data.method_label, key="ma:b",
+    b = st.selectbox("y axis", rest, format_func=registry.method_label, key="ma:b",
                      index=rest.index("vector_filter") if "vector_filter" in rest else 0)
     st.metric(f"{kind.capitalize()} r", f"{corr.loc[labels_of[a], labels_of[b]]:.3f}")
     st.caption("Heatmap cells are not clickable; choose the pair here.")
 sh.method_explainer(methods)
 
-label_values = sorted(example_labels.unique())
-trait_label = trait if trait in label_values else ui_data.guess_trait_label(label_values)
-pair = matrix[[labels_of[a], labels_of[b]]].set_axis(["x", "y"], axis=1).assign(
-    data_origin=example_labels).reset_index()
-pts = ui_data.thin_for_scatter(pair)
+label_values = sorted(origins.unique())
+trait_label = trait if trait in label_values else guess_trait_label(label_values)
+pair = pair_frame(matrix, origins, labels_of[a], labels_of[b])
+pts = thin_for_scatter(pair)
 fig = px.scatter(pts, x="x", y="y", color="data_origin", opacity=0.7,
-                 color_discrete_map=ui_data.label_colors(label_values, trait_label),
+                 color_discrete_map=label_colors(label_values, trait_label),
                  hover_data={"idx": True}, title=f"{labels_of[a]} vs {labels_of[b]} scores")
 fig.update_xaxes(title=f"{labels_of[a]} score (a.u.)")
 fig.update_yaxes(title=f"{labels_of[b]} score (a.u.)")
@@ -110,16 +102,16 @@ if label_values == ["unlabelled"] or len(label_values) < 2:
     st.stop()
 default = label_values.index(trait_label) if trait_label in label_values else 0
 positive = st.selectbox("Positive label", label_values, key="ma:pos", index=default)
-rows, curves, rate = _retrieval(sh.workspace(), sh.version(), key, positive)
+found = _retrieval(sh.workspace(), sh.version(), key, positive)
 t1, t2 = st.columns([2, 3])
-t1.dataframe(rows.sort_values("AUC-PR", ascending=False), hide_index=True,
+t1.dataframe(found.auc_pr.sort_values("AUC-PR", ascending=False), hide_index=True,
              column_config={"AUC-PR": st.column_config.NumberColumn(format="%.3f"),
                             "× chance": st.column_config.NumberColumn(format="%.1f×")})
-t1.caption(f"Chance level (share of `{positive}`) = {rate:.3f}.")
-fig = px.line(curves, x="recall", y="precision", color="method",
-              color_discrete_map=ui_data.color_map(scope["method"], by_label=True),
+t1.caption(f"Chance level (share of `{positive}`) = {found.chance:.3f}.")
+fig = px.line(found.curves, x="recall", y="precision", color="method",
+              color_discrete_map=registry.color_map(scope["method"], by_label=True),
               title=f"Precision-recall for retrieving `{positive}` examples")
-fig.add_hline(y=rate, line_dash="dot", line_color="#7F7F7F", annotation_text="chance")
+fig.add_hline(y=found.chance, line_dash="dot", line_color="#7F7F7F", annotation_text="chance")
 fig.update_xaxes(title="recall (share of labelled examples found)", range=[0, 1])
 fig.update_yaxes(title="precision (share of retrieved that are labelled)", range=[0, 1.02])
 with t2:

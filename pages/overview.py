@@ -4,7 +4,11 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from cinf_core import jobs, ui_data
+from cinf_core import jobs
+from cinf_core.store import Store
+from cinf_core.views.format import demo_summary_text
+from cinf_core.views.labels import guess_trait_label, label_colors, label_mix
+from cinf_core.views.runs import json_dict
 from pages import _shared as sh
 
 sh.header("Concept Influence explorer",
@@ -17,7 +21,7 @@ st.markdown(
     "filtering and retraining that removing the top examples removes the trait.")
 
 store = sh.store()
-datasets = sh.read("datasets")
+datasets = sh.read(Store.datasets)
 summary = sh.meta("demo_world")
 
 if store is None or (datasets.empty and not summary):
@@ -30,10 +34,10 @@ if store is None or (datasets.empty and not summary):
     sh.job_launcher("overview:demo", "Build the demo world", "demo", {"quick": quick})
 else:
     if summary:
-        st.caption("Demo world: " + ui_data.demo_summary_text(summary))
+        st.caption("Demo world: " + demo_summary_text(summary))
     runs = sh.runs_view()
-    concepts = sh.read("concepts")
-    models = sh.read("models")
+    concepts = sh.read(Store.concepts)
+    models = sh.read(Store.models)
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Datasets", len(datasets))
     c2.metric("Models", len(models))
@@ -48,11 +52,11 @@ else:
         else:
             st.dataframe(datasets[["name", "role", "n_examples", "path", "created_at"]],
                          hide_index=True)
-            mix = ui_data.label_mix(datasets)
+            mix = label_mix(datasets)
             if not mix.empty:
-                trait = ui_data.guess_trait_label(mix["label"])
+                trait = guess_trait_label(mix["label"])
                 fig = px.bar(mix, x="count", y="dataset", color="label", orientation="h",
-                             color_discrete_map=ui_data.label_colors(mix["label"], trait),
+                             color_discrete_map=label_colors(mix["label"], trait),
                              title="Label mix (data_origin)")
                 fig.update_xaxes(title="examples (count)")
                 fig.update_yaxes(title=None)
@@ -65,7 +69,7 @@ else:
         else:
             rows = []
             for _, m in models.iterrows():
-                spec = ui_data.json_dict(m["spec"])
+                spec = json_dict(m["spec"])
                 rows.append({"name": m["name"], "role": m["role"],
                              "base": Path(spec.get("path") or "—").name,
                              "adapter": Path(spec["adapter"]).name if spec.get("adapter") else "—",
@@ -93,7 +97,7 @@ st.subheader("Background jobs")
 
 
 def jobs_table(polling: bool) -> None:
-    all_jobs = sh.read("jobs")
+    all_jobs = sh.read(Store.jobs)
     if polling and not all_jobs["status"].isin(jobs.ACTIVE).any():
         st.rerun()  # the last job ended: a full rerun refreshes the page and stops polling
     if all_jobs.empty:
@@ -108,6 +112,6 @@ def jobs_table(polling: bool) -> None:
 
 
 # Poll while any job runs (started here, on another page or from the CLI); static otherwise.
-running = sh.read("jobs")
+running = sh.read(Store.jobs)
 active = not running.empty and running["status"].isin(jobs.ACTIVE).any()
 st.fragment(run_every=2.0 if active else None)(jobs_table)(bool(active))

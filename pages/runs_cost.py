@@ -3,6 +3,10 @@ import plotly.express as px
 import streamlit as st
 
 from cinf_core import ui_data
+from cinf_core.methods import registry
+from cinf_core.store import Store
+from cinf_core.views.format import fmt_seconds, newest_with_role
+from cinf_core.views.runs import json_dict, method_costs, speedups, timing_breakdown
 from pages import _shared as sh
 
 sh.header("Runs & cost", "Every scoring run, its settings and timings — and how much faster the "
@@ -16,11 +20,12 @@ NEEDS_TRAIT = {"vector_filter", "projection_difference", "concept_influence",
 
 def score_form() -> None:
     """Start a scoring run (``python -m cinf_core score``) as a background job."""
-    datasets, models = sh.read("datasets"), sh.read("models")
-    concepts = sh.read("concepts")
-    concept_traits = [ui_data.json_dict(c).get("info", {}).get("trait")
+    datasets, models = sh.read(Store.datasets), sh.read(Store.models)
+    concepts = sh.read(Store.concepts)
+    concept_traits = [json_dict(c).get("info", {}).get("trait")
                       for c in (concepts["config"] if not concepts.empty else [])]
-    traits = sorted({*sh.read("traits"), *sh.runs_view()["trait"], *concept_traits} - {None, "—"})
+    traits = sorted({*sh.read(Store.traits), *sh.runs_view()["trait"], *concept_traits}
+                    - {None, "—"})
     if datasets.empty or models.empty:
         sh.empty_state("Scoring needs a registered dataset and model.",
                        "build the demo world on **Overview**, or run `python -m cinf_core "
@@ -31,10 +36,10 @@ def score_form() -> None:
         method = f1.selectbox("Method", METHODS, format_func=ui_data.method_label)
         trait = f2.selectbox("Trait", traits) if traits else f2.text_input("Trait", "evil")
         dataset = f3.selectbox("Training set", list(datasets["name"]),
-                               index=ui_data.newest_with_role(datasets, "train"))
+                               index=newest_with_role(datasets, "train"))
         f4, f5, f6 = st.columns(3)
         model = f4.selectbox("Model", list(models["name"]),
-                             index=ui_data.newest_with_role(models, "finetuned"))
+                             index=newest_with_role(models, "finetuned"))
         batch = f5.number_input("Batch size", min_value=1, value=16)
         max_len = f6.number_input("Max tokens per example", min_value=16, value=256, step=16)
         submitted = st.form_submit_button("Prepare scoring run")
@@ -83,7 +88,7 @@ st.dataframe(view[["method_label", "trait", "dataset", "status", "n_done", "n_to
                  "examples_per_s": st.column_config.NumberColumn("examples / s", format="%.1f"),
                  "settings": st.column_config.TextColumn("settings", width="large")})
 
-costs = ui_data.method_costs(runs)
+costs = method_costs(runs)
 st.subheader("Cost per method")
 if costs.empty:
     sh.empty_state("No finished runs with timings yet.", "wait for a run to complete.")
@@ -91,23 +96,23 @@ else:
     left, right = st.columns([3, 2])
     with left:
         fig = px.bar(costs, x="method_label", y="s_per_1k_examples", color="method",
-                     color_discrete_map=ui_data.color_map(costs["method"]), log_y=True,
-                     text=[ui_data.fmt_seconds(v) for v in costs["s_per_1k_examples"]],
+                     color_discrete_map=registry.color_map(costs["method"]), log_y=True,
+                     text=[fmt_seconds(v) for v in costs["s_per_1k_examples"]],
                      title="Wall time per 1,000 training examples (median over runs)")
         fig.update_layout(showlegend=False)
         fig.update_xaxes(title=None)
         fig.update_yaxes(title="seconds per 1k examples (log scale)")
         sh.chart(sh.style_fig(fig), key="rc:cost")
     with right:
-        ratios = ui_data.speedups(costs)
+        ratios = speedups(costs)
         if ratios.empty:
             st.caption("Speed-ups need runs of both a gradient method (IF, CI) and a forward "
                        "method (VF, PD).")
         for r in ratios.itertuples():
             st.metric(f"{r.pair} time per example", f"{r.speedup:,.1f}×",
-                      help=f"{ui_data.method_label(r.slow)} takes this many times as long as "
-                           f"{ui_data.method_label(r.fast)} per example.")
-    breakdown = ui_data.timing_breakdown(runs[runs["status"] == "complete"])
+                      help=f"{registry.method_label(r.slow)} takes this many times as long as "
+                           f"{registry.method_label(r.fast)} per example.")
+    breakdown = timing_breakdown(runs[runs["status"] == "complete"])
     if not breakdown.empty:
         fig = px.bar(breakdown, x="seconds", y="run", color="stage", orientation="h",
                      title="Where the time goes (per run and stage)")

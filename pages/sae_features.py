@@ -6,16 +6,25 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cinf_core import ui_data
+from cinf_core import inspection
+from cinf_core.methods import registry
+from cinf_core.store import Store
+from cinf_core.views.concepts import token_highlight_html
+from cinf_core.views.features import (FEATURE_DEFINITION, feature_choices, feature_detail,
+                                      feature_hits, feature_trait_share, sae_direction_choices,
+                                      top_feature_bars)
+from cinf_core.views.labels import guess_trait_label, label_colors
 from pages import _shared as sh
 
-FIG4_METHODS = ui_data.FIGURE4_METHODS
+# The paper's layout: the methods without a concept (the influence function) first, beside the
+# concept-based ones.
+FIG4_METHODS = sorted(registry.figure4_keys(), key=lambda k: registry.get_method(k).needs_concept)
 HIGHLIGHT_EXAMPLES = 5  # top examples highlighted token by token (one forward pass each)
 
 sh.header("SAE features", "Figure 4: the SAE features through which the training data drives "
           "the trait — Influence Function beside Concept Influence.")
 with st.expander("How feature influence is defined", expanded=False):
-    st.latex(ui_data.FEATURE_DEFINITION)
+    st.latex(FEATURE_DEFINITION)
     st.markdown("Groups *g* are the `data_origin` labels (trait data vs normal data); features "
                 "are ranked by the total Σ_g F_j^g. **The paper's exact procedure is not public; "
                 "this is our definition.**")
@@ -24,7 +33,7 @@ store = sh.store()
 if store is None:
     sh.no_store_state()
     st.stop()
-saes = sh.read("saes")
+saes = sh.read(Store.saes)
 runs = sh.runs_view()
 if saes.empty:
     sh.empty_state("No SAE in this workspace.",
@@ -47,13 +56,14 @@ by_method = {}
 for method in FIG4_METHODS:
     row = scope[scope["method"] == method]
     if not row.empty:
-        by_method[method] = sh.read("feature_attributions", row.iloc[0]["run_id"], sae["sae_id"])
+        by_method[method] = sh.read(Store.feature_attributions, row.iloc[0]["run_id"],
+                                    sae["sae_id"])
 have = {m: f for m, f in by_method.items() if not f.empty}
-features = sh.read("sae_features", sae["sae_id"], dataset_id)
+features = sh.read(Store.sae_features, sae["sae_id"], dataset_id)
 names = dict(zip(features["feature"], features["label"])) if not features.empty else {}
 labels = sorted({g for f in have.values() for g in f["grp"].unique()})
-trait_label = trait if trait in labels else ui_data.guess_trait_label(labels)
-colors = ui_data.label_colors(labels, trait_label)
+trait_label = trait if trait in labels else guess_trait_label(labels)
+colors = label_colors(labels, trait_label)
 
 
 def feature_name(j: int) -> str:
@@ -61,56 +71,22 @@ def feature_name(j: int) -> str:
     return f"#{j} · {label[:28]}" if isinstance(label, str) and label else f"#{j}"
 
 
-@st.cache_resource(show_spinner="Loading the SAE…", max_entries=2)
-def _load_sae(ws: str, sae_id: str):
-    """The registered SAE and the layer it reads (one shared copy)."""
-    from cinf_core.concepts.features import load_registered_sae
-
-    return load_registered_sae(ws, sae_id)
-
-
-@st.cache_resource(show_spinner="Loading the model the SAE reads…", max_entries=2)
-def _load_lm(spec_json: str):
-    from cinf_core.models import ModelSpec, load_model
-
-    return load_model(ModelSpec.from_dict(json.loads(spec_json)))
-
-
-def _sae_lm(ws: str, sae_id: str):
-    """``(model, sae, layer)``: the model the SAE was trained on, and the SAE."""
-    from cinf_core.concepts.features import sae_model_spec
-
-    sae_obj, layer = _load_sae(ws, sae_id)
-    return _load_lm(json.dumps(sae_model_spec(ws, sae_id).to_dict())), sae_obj, layer
-
-
 @st.cache_data(show_spinner="Running the model on the phrase…", max_entries=64)
 def _phrase_features(ws: str, sae_id: str, text: str, k: int):
     """The phrase's tokens, its top features ``[(feature, activation)]`` and their per-token
     activations ``[n_tokens][k]`` (model forward to the SAE's layer, then the SAE)."""
-    from cinf_core.concepts.sae import features_for_phrase
-
-    lm, sae_obj, layer = _sae_lm(ws, sae_id)
-    found = features_for_phrase(lm, sae_obj, text, k=k, layer=layer)
-    return found.tokens, found.features, found.token_acts.tolist()
+    return inspection.phrase_features(ws, sae_id, text, k)
 
 
 @st.cache_data(show_spinner="Comparing decoder rows with the concept…", max_entries=64)
 def _direction_features(ws: str, sae_id: str, concept_id: str, k: int):
-    from cinf_core.concepts.features import features_by_concept
-
-    sae_obj, layer = _load_sae(ws, sae_id)
-    return features_by_concept(ws, sae_obj, concept_id, k=k, layer=layer)
+    return inspection.sae_features_near_concept(ws, sae_id, concept_id, k)
 
 
 @st.cache_data(show_spinner="Highlighting the activating tokens…", max_entries=64)
 def _example_tokens(ws: str, sae_id: str, feature: int, messages: tuple[str, ...]):
     """Each example's response tokens and the feature's activation on each."""
-    from cinf_core.concepts.sae import feature_token_activations
-
-    lm, sae_obj, layer = _sae_lm(ws, sae_id)
-    return feature_token_activations(lm, sae_obj, [json.loads(m) for m in messages], feature,
-                                     layer=layer)
+    return inspection.feature_tokens(ws, sae_id, feature, [json.loads(m) for m in messages])
 
 
 def figure4() -> None:
@@ -118,13 +94,13 @@ def figure4() -> None:
     cols = st.columns(len(FIG4_METHODS))
     for col, method in zip(cols, FIG4_METHODS):
         with col:
-            st.markdown(f"**{ui_data.method_label(method)}**")
+            st.markdown(f"**{registry.method_label(method)}**")
             if method not in have:
-                sh.empty_state(f"No {ui_data.method_label(method)} attributions for this trait.",
-                               f"score with `{ui_data.score_flags(method)}`, then run "
+                sh.empty_state(f"No {registry.method_label(method)} attributions for this trait.",
+                               f"score with `{registry.score_flags(method)}`, then run "
                                "`python -m cinf_core features`.")
                 continue
-            top = ui_data.feature_influence(have[method], top_n, trait_label)
+            top = top_feature_bars(have[method], top_n, trait_label)
             order = [feature_name(j) for j in top.drop_duplicates("feature")["feature"]]
             fig = go.Figure()
             for grp in labels:
@@ -132,11 +108,11 @@ def figure4() -> None:
                 fig.add_bar(y=[feature_name(j) for j in part["feature"]], x=part["influence"],
                             name=f"from {grp} data", orientation="h", marker_color=colors[grp])
             fig.update_layout(barmode="relative", title=f"Top {top_n} features — "
-                              f"{ui_data.method_short(method)}")
+                              f"{registry.method_short(method)}")
             fig.update_yaxes(categoryorder="array", categoryarray=order[::-1], title=None)
             fig.update_xaxes(title="feature influence F_j (score × activation, a.u.)")
             sh.chart(sh.style_fig(fig, 120 + 28 * top_n), key=f"sae:bars:{method}")
-            share = ui_data.feature_trait_share(top, trait_label)
+            share = feature_trait_share(top, trait_label)
             if not math.isnan(share):
                 st.metric(f"Share from `{trait_label}` data (top {top_n})", f"{share:.0%}",
                           help="Σ_j F_j^trait / Σ_j Σ_g |F_j^g| over the top features: groups can "
@@ -148,7 +124,7 @@ if have:
     figure4()
     sh.method_explainer(FIG4_METHODS)
 else:
-    missing = [ui_data.method_label(m) for m in FIG4_METHODS if m not in by_method]
+    missing = [registry.method_label(m) for m in FIG4_METHODS if m not in by_method]
     sh.empty_state(
         f"No feature attributions for '{trait}' with this SAE yet."
         + (f" Missing runs: {', '.join(missing)}." if missing else ""),
@@ -184,7 +160,7 @@ if tab_text.open:
                     st.caption("No feature fires on this phrase.")
                 else:
                     found += [j for j, _ in hits]
-                    table = ui_data.feature_hits(
+                    table = feature_hits(
                         pd.DataFrame(hits, columns=["feature", "activation"]), features)
                     st.dataframe(table, hide_index=True, column_config={
                         "activation": st.column_config.NumberColumn("max activation",
@@ -196,12 +172,12 @@ if tab_text.open:
                     chosen = st.selectbox("Highlight the phrase by feature", ids,
                                           format_func=feature_name, key="sae:phrase:feature")
                     col = ids.index(chosen)
-                    st.html(ui_data.token_highlight_html(tokens, [row[col] for row in token_acts]))
+                    st.html(token_highlight_html(tokens, [row[col] for row in token_acts]))
                     st.caption(f"Activation of {feature_name(chosen)} on each token of the "
                                "phrase (darker = stronger). Hover a token for its value.")
 if tab_dir.open:
     with tab_dir:
-        choices = ui_data.sae_direction_choices(sh.read("concepts"), int(sae["layer"]))
+        choices = sae_direction_choices(sh.read(Store.concepts), int(sae["layer"]))
         if choices.empty:
             sh.empty_state(f"No direction concept at layer {sae['layer']} to compare with.",
                            "build a persona vector or a probe on **Concepts**, or upload a "
@@ -218,7 +194,7 @@ if tab_dir.open:
                 st.warning(f"Direction search is unavailable: {err}")
             else:
                 found += [int(j) for j in near["feature"]]
-                st.dataframe(ui_data.feature_hits(near, features), hide_index=True,
+                st.dataframe(feature_hits(near, features), hide_index=True,
                              column_config={
                                  "cosine": st.column_config.NumberColumn("cosine", format="%.3f"),
                                  "density": st.column_config.NumberColumn("density",
@@ -231,20 +207,14 @@ if tab_dir.open:
 st.subheader("Feature detail")
 d1, d2 = st.columns(2)
 query = d1.text_input("Search feature labels (top tokens)", key="sae:q", placeholder="e.g. pain")
-candidates = sorted({int(j) for f in have.values()
-                     for j in ui_data.feature_influence(f, top_n, trait_label)["feature"]})
-if not candidates and not features.empty:  # no attributions yet: the most active features
-    candidates = [int(j) for j in features.nlargest(top_n, "max_act")["feature"]]
-candidates = sorted(set(candidates) | set(found))
-if query and not features.empty:
-    hits = features[features["label"].str.contains(query, case=False, regex=False, na=False)]
-    candidates = [int(j) for j in hits["feature"]][:200]
-    d1.caption(f"{len(hits)} features match.")
+candidates, n_matching = feature_choices(have, features, top_n, trait_label, found, query)
+if n_matching is not None:
+    d1.caption(f"{n_matching} features match.")
 if not candidates:
     st.caption("No feature matches.")
     st.stop()
 feature = d2.selectbox("Feature", candidates, format_func=feature_name, key="sae:feature")
-detail = ui_data.feature_detail({ui_data.method_label(m): f for m, f in have.items()}, feature)
+detail = feature_detail({registry.method_label(m): f for m, f in have.items()}, feature)
 info = features[features["feature"] == feature]
 m1, m2, m3 = st.columns(3)
 if not info.empty:
@@ -263,7 +233,7 @@ if not detail.empty:
     fig.update_layout(barmode="relative", title=f"Influence through {feature_name(feature)}")
     fig.update_yaxes(title="F_j (a.u.)")
     sh.chart(sh.style_fig(fig, 300), key="sae:detail")
-examples = sh.read("feature_examples", sae["sae_id"], dataset_id, feature)
+examples = sh.read(Store.feature_examples, sae["sae_id"], dataset_id, feature)
 if examples.empty:
     st.caption("No top-activating examples stored for this feature.")
 else:
@@ -286,7 +256,7 @@ else:
             for row, (tokens, values) in zip(shown.itertuples(), per_example):
                 st.markdown(f"**#{row.rank}** · max activation `{row.max_act:.3g}` · "
                             f"label `{row.data_origin}` · example #{row.idx}")
-                st.html(ui_data.token_highlight_html(tokens, values, scale=scale))
+                st.html(token_highlight_html(tokens, values, scale=scale))
             st.caption(f"Response tokens coloured by the activation of {feature_name(feature)} "
                        "(full colour = its largest activation on the dataset). Hover a token "
                        "for its value.")

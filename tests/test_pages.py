@@ -295,3 +295,21 @@ def test_benchmark_100k_examples(tmp_path, capsys):
     assert list(timings) == [name for name, _, _ in BENCH_VIEWS]
     with capsys.disabled():
         print("\n" + format_benchmark(timings))
+
+
+def test_pages_read_the_store_only_through_its_public_methods():
+    """Reads name the Store method itself (its qualified name keys the cache); no page reaches for
+    the cached Store object or names a method by string."""
+    import re
+
+    from cinf_core.store import Store
+    from pages import _shared as sh
+
+    assert sh._reader_name(Store.scores) == "Store.scores"
+    for bad in ("runs", Store._query_df, len):
+        with pytest.raises(TypeError, match="public Store method"):
+            sh._reader_name(bad)
+    root = Path(APP).parent
+    for page in [*PAGES, "app.py"]:
+        text = (root / page).read_text()
+        assert not re.search(r"sh\._store\b|_shared\._store\b|read(_big)?\(\s*[\"']", text), page

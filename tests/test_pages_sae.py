@@ -10,7 +10,6 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from cinf_core import ui_data
 from workspace_fixture import CONCEPT_LAYER, build_workspace
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -212,47 +211,3 @@ def test_searches_explain_an_sae_whose_files_are_missing(monkeypatch, sae_worksp
     at.toggle(key="sae:ex:hl").set_value(True).run()
     assert any("Token highlighting is unavailable" in w.value for w in at.warning)
     assert not at.exception
-
-
-# ---------------------------------------------------------------- the page's data helpers
-
-
-def test_feature_trait_share_uses_the_sum_of_absolute_parts():
-    from cinf_core.concepts.features import trait_share
-
-    top = pd.DataFrame({"feature": [1, 1, 2, 2, 3], "grp": ["evil", "normal", "evil", "normal",
-                                                            "evil"],
-                        "influence": [3.0, -2.0, 1.0, 1.0, 0.5]})
-    share = ui_data.feature_trait_share(top, "evil")
-    assert share == pytest.approx(4.5 / 7.5)
-    wide = pd.DataFrame({"feature": [1, 2, 3], "total": [1.0, 2.0, 0.5], "evil": [3.0, 1.0, 0.5],
-                         "normal": [-2.0, 1.0, 0.0]})
-    assert share == pytest.approx(trait_share(wide, "evil"))
-    totals = top.groupby("grp")["influence"].sum()  # the old, different denominator
-    assert share != pytest.approx(totals["evil"] / totals.abs().sum())
-    assert np.isnan(ui_data.feature_trait_share(top, "sycophantic"))
-    assert np.isnan(ui_data.feature_trait_share(top, None))
-    assert np.isnan(ui_data.feature_trait_share(top.iloc[:0], "evil"))
-
-
-def test_direction_choices_and_feature_hits():
-    concepts = pd.DataFrame({
-        "concept_id": ["a", "b", "c", "d", "e"],
-        "name": ["evil", "probe-L1", "sae #3", "upload", "persona-L1"],
-        "kind": ["persona_vector", "probe", "sae_feature", "uploaded", "persona_vector"],
-        "layer": [2, 1, 2, 2, 1]})
-    choices = ui_data.sae_direction_choices(concepts, 2)
-    assert choices["concept_id"].tolist() == ["a", "d", "e"]
-    assert choices["choice"].tolist()[0] == "evil (persona vector, layer 2)"
-    assert "layer-2 row" in choices["choice"].tolist()[2]
-    assert ui_data.sae_direction_choices(pd.DataFrame(), 2).empty
-
-    features = pd.DataFrame({"feature": np.arange(4, dtype=np.int32), "density": [.1, .2, .3, .4],
-                             "mean_act": 0.0, "max_act": 1.0, "label": ["a", "b", "c", "d"]})
-    hits = pd.DataFrame({"feature": [3, 0, 9], "cosine": [0.9, 0.5, 0.1]})
-    out = ui_data.feature_hits(hits, features)
-    assert list(out.columns) == ["feature", "label", "cosine", "density"]
-    assert out["feature"].tolist() == [3, 0, 9] and out["label"].tolist()[:2] == ["d", "a"]
-    assert out["density"].tolist()[:2] == [0.4, 0.1] and np.isnan(out["density"].iloc[2])
-    bare = ui_data.feature_hits(hits, pd.DataFrame())
-    assert bare["label"].isna().all() and bare["feature"].tolist() == [3, 0, 9]

@@ -40,7 +40,9 @@ from ..store import Store, config_hash
 DEFAULT_METHODS = ("influence_function", "concept_influence", "vector_filter",
                    "projection_difference", "random")
 MODES = ("most", "least")
-BASELINE_METHODS = ("base", "all")
+# The grid's reference cells: the base model (everything removed) and "all" (retrained on
+# everything, 0% removed; the start of every curve).
+REFERENCE_CELLS = ("base", "all")
 
 
 @dataclass
