@@ -87,12 +87,12 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
-            from .experiments.evaluate import RESULT_METHODS, latest_runs
+            from .experiments.evaluate import latest_runs, result_methods
             from .store import Store
 
             store = Store(args.workspace)
             missing = [t for t in store.traits()
-                       if not set(RESULT_METHODS) <= set(latest_runs(store, t))]
+                       if not set(result_methods()) <= set(latest_runs(store, t))]
             if missing:
                 from .jobs import start_job
 
@@ -370,10 +370,21 @@ def _export(p: argparse.ArgumentParser):
     return run
 
 
-def _score_arguments(p: argparse.ArgumentParser) -> None:
-    from .methods.runner import METHODS
+def _method_key(value: str) -> str:
+    """``--method``: any registered method key (or a variant of one)."""
+    from .methods.registry import get_method
 
-    p.add_argument("--method", required=True, choices=METHODS)
+    try:
+        return get_method(value).key
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
+    from .methods.registry import method_keys
+
+    p.add_argument("--method", required=True, type=_method_key, metavar="METHOD",
+                   help=f"one of {', '.join(method_keys())}")
     p.add_argument("--trait", help="trait whose concept and test queries to use (e.g. evil)")
     p.add_argument("--concept", help="concept name or id (default: the trait's persona vector)")
     p.add_argument("--dataset", default="train", help="training set name, id or role")
@@ -493,9 +504,11 @@ def _retrain(p: argparse.ArgumentParser):
     from .experiments.retrain import DEFAULT_METHODS, MODES
 
     p.add_argument("--trait", required=True)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="methods to rank by; concept_influence@startK is Concept Influence with the "
-                        "concept measured over the K positions where each test answer starts")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), type=_method_key,
+                   metavar="METHOD",
+                   help="method keys to rank by (as for score --method); concept_influence@startK "
+                        "is Concept Influence with the concept measured over the K positions where "
+                        "each test answer starts")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -555,7 +568,7 @@ def _features(p: argparse.ArgumentParser):
         from .concepts.features import (attribute_run_to_features, compute_feature_data,
                                         sae_model_spec, trait_share)
         from .experiments.evaluate import latest_runs
-        from .method_keys import FIGURE4_METHODS
+        from .methods.registry import figure4_keys
         from .models import cached_model
         from .store import Store
 
@@ -575,7 +588,7 @@ def _features(p: argparse.ArgumentParser):
         shares = {}
         for trait in args.trait or store.traits():
             runs = latest_runs(store, trait)
-            for method in FIGURE4_METHODS:
+            for method in figure4_keys():
                 if method in runs:
                     top = attribute_run_to_features(args.workspace, runs[method], sae, k=args.top)
                     shares.setdefault(trait, {})[method] = {
@@ -610,7 +623,7 @@ def _bench(p: argparse.ArgumentParser):
                    help="instead: torchrun with 1..N ranks vs one process, and a scaling model")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="world sizes (--distributed)")
     p.add_argument("--methods", nargs="+", default=["vector_filter", "influence_function"],
-                   help="methods (--distributed)")
+                   type=_method_key, metavar="METHOD", help="method keys (--distributed)")
     p.add_argument("--dataset", default="train", help="training set to score (--distributed)")
 
     def run(args):

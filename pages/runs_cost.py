@@ -2,7 +2,6 @@
 import plotly.express as px
 import streamlit as st
 
-from cinf_core import ui_data
 from cinf_core.methods import registry
 from cinf_core.store import Store
 from cinf_core.views.format import fmt_seconds, newest_with_role
@@ -11,11 +10,6 @@ from pages import _shared as sh
 
 sh.header("Runs & cost", "Every scoring run, its settings and timings — and how much faster the "
           "forward-only methods are than the gradient ones.")
-
-METHODS = ["vector_filter", "projection_difference", "concept_influence", ui_data.ANSWER_START_CI,
-           "influence_function", "grad_sim", "lexical", "random"]
-NEEDS_TRAIT = {"vector_filter", "projection_difference", "concept_influence",
-               "influence_function", "grad_sim", "lexical"}
 
 
 def score_form() -> None:
@@ -33,7 +27,7 @@ def score_form() -> None:
         return
     with st.form("rc:score"):
         f1, f2, f3 = st.columns(3)
-        method = f1.selectbox("Method", METHODS, format_func=ui_data.method_label)
+        method = f1.selectbox("Method", registry.method_keys(), format_func=registry.method_label)
         trait = f2.selectbox("Trait", traits) if traits else f2.text_input("Trait", "evil")
         dataset = f3.selectbox("Training set", list(datasets["name"]),
                                index=newest_with_role(datasets, "train"))
@@ -44,20 +38,18 @@ def score_form() -> None:
         max_len = f6.number_input("Max tokens per example", min_value=16, value=256, step=16)
         submitted = st.form_submit_button("Prepare scoring run")
     if submitted:
-        engine_method, window = ui_data.split_method(method)
-        args = {"method": engine_method, "dataset": dataset, "model": model,
+        chosen = registry.get_method(method)
+        args = {"method": chosen.name, **chosen.options, "dataset": dataset, "model": model,
                 "batch_size": int(batch), "max_length": int(max_len)}
-        if window:
-            args["concept_window"] = window
-        if engine_method in NEEDS_TRAIT:
+        if chosen.needs_trait:
             args["trait"] = trait
         st.session_state["rc:args"] = args
     args = st.session_state.get("rc:args")
     if args:
         st.caption("Runs are cached by their settings: the same settings return the finished "
                    "run at once, and a killed run resumes where it stopped.")
-        key = ui_data.method_key(args["method"], args)
-        sh.job_launcher("rc:score", f"Start scoring: {ui_data.method_label(key)}"
+        key = registry.method_key(args["method"], args)
+        sh.job_launcher("rc:score", f"Start scoring: {registry.method_label(key)}"
                         + (f" · {args['trait']}" if "trait" in args else ""), "score", args)
 
 

@@ -325,7 +325,7 @@ def test_matches_kronfluence(world):
 def test_timing_against_kronfluence(world):
     pytest.importorskip("kronfluence", reason="oracle not installed: pip install --no-deps "
                         "kronfluence==1.0.1 einconv opt_einsum")
-    from cinf_core.curvature import time_influence_vs_kronfluence
+    from cinf_core.methods.bench import time_influence_vs_kronfluence
 
     cfg = CurvatureConfig(fisher="empirical", kinds="mlp", batch_size=4)
     result = time_influence_vs_kronfluence(world.lm, world.train[:8], world.queries[:2], cfg)

@@ -245,8 +245,10 @@ def test_runs_cost_speedups(monkeypatch, workspace):
 def test_scoring_form_offers_the_answer_start_variant_and_the_lexical_baseline(monkeypatch,
                                                                              workspace):
     """The method key becomes the engine method plus ``concept_window`` (``--concept-window``)."""
-    from cinf_core import ui_data
-    from cinf_core.method_keys import ANSWER_START_CI, ANSWER_START_WINDOW
+    from cinf_core.methods import registry as ui_data
+    from cinf_core.methods.builtin import ANSWER_START_WINDOW
+
+    ANSWER_START_CI = f"concept_influence@start{ANSWER_START_WINDOW}"
 
     at = open_page(monkeypatch, workspace, "pages/runs_cost.py")
     method = [sb for sb in at.selectbox if sb.label == "Method"][0]

@@ -9,7 +9,7 @@ from .ekfac import (
     precondition,
 )
 from .modules import select_modules
-from .oracle import kronfluence_influence, time_influence_vs_kronfluence
+from .oracle import kronfluence_influence
 
 __all__ = [
     "CurvatureConfig",
@@ -21,5 +21,4 @@ __all__ = [
     "load_or_fit_factors",
     "precondition",
     "select_modules",
-    "time_influence_vs_kronfluence",
 ]

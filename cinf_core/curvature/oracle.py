@@ -1,4 +1,5 @@
-"""Kronfluence 1.0.1 as an independent oracle (tests) and a speed reference (``bench``).
+"""Kronfluence 1.0.1 as an independent oracle (tests) and a speed reference (``bench``, which
+times it against cinf: :func:`cinf_core.methods.bench.time_influence_vs_kronfluence`).
 
 Kronfluence is optional (install with ``pip install --no-deps kronfluence==1.0.1 einconv
 opt_einsum``: its declared torchvision dependency would replace the CPU torch). It runs the same
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 import warnings
 from typing import Sequence
 
@@ -115,31 +115,3 @@ def kronfluence_influence(
         )
         scores = analyzer.load_pairwise_scores("scores")["all_modules"]
     return scores.double().cpu().numpy()
-
-
-def time_influence_vs_kronfluence(
-    lm,
-    train: Sequence[EncodedExample],
-    queries: Sequence[EncodedExample],
-    cfg: CurvatureConfig,
-) -> dict[str, float]:
-    """Wall time of the same per-query IF job (fit EK-FAC + score) in cinf and in Kronfluence.
-
-    Returns ``{"cinf_s", "kronfluence_s", "ratio"}`` (ratio = kronfluence_s / cinf_s, > 1 means
-    cinf is faster) and ``"spearman"``: the mean per-query rank agreement of the two score sets.
-    """
-    from scipy.stats import spearmanr
-
-    from ..methods.gradient import influence_function
-    from .ekfac import fit_factors
-
-    import_kronfluence()
-    start = time.perf_counter()
-    factors = fit_factors(lm, train, cfg)
-    ours = influence_function(lm, train, queries, factors, batch_size=cfg.batch_size, per_query=True)
-    cinf_s = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs = kronfluence_influence(lm, train, queries, cfg)
-    kronfluence_s = time.perf_counter() - start
-    rho = float(np.mean([spearmanr(ours[:, q], theirs[q]).statistic for q in range(len(queries))]))
-    return {"cinf_s": cinf_s, "kronfluence_s": kronfluence_s, "ratio": kronfluence_s / cinf_s, "spearman": rho}

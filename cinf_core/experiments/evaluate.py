@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..method_keys import ANSWER_START_CI, FIGURE4_METHODS, method_key
+from ..methods.registry import figure4_keys, method_key, method_keys
 from ..store import Store
 from .metrics import auc_pr, correlation_matrix
 
-RESULT_METHODS = ("influence_function", "concept_influence", ANSWER_START_CI, "vector_filter",
-                  "projection_difference", "grad_sim", "lexical", "random")
-"""Method keys the results job scores for every trait (``concept_influence@start3``: Concept
-Influence over the answer-start window)."""
+
+def result_methods() -> list[str]:
+    """Method keys the results job scores for every trait: every registered method (Concept
+    Influence over the answer-start window has its own key, ``concept_influence@start3``),
+    cheapest first so the pages fill in while the gradient methods run."""
+    return method_keys(results_order=True)
 
 
 def latest_runs(store: Store, trait: str) -> dict[str, str]:
@@ -28,16 +30,16 @@ def latest_runs(store: Store, trait: str) -> dict[str, str]:
 def ensure_runs(workspace, traits: list[str] | None = None, methods: tuple[str, ...] | None = None,
                 progress=None) -> dict[str, dict[str, str]]:
     """Score every (trait, method key) that has no complete run yet (default: every key of
-    :data:`RESULT_METHODS`); ``{trait: {method key: run_id}}``."""
+    :func:`result_methods`); ``{trait: {method key: run_id}}``."""
     from ..methods.runner import ScoreConfig, score
 
     store = Store(workspace)
     out: dict[str, dict[str, str]] = {}
     for trait in traits or store.traits():
         have = latest_runs(store, trait)
-        for key in methods or RESULT_METHODS:
+        for key in methods or result_methods():
             if key not in have:
-                have[key] = score(workspace, ScoreConfig.for_method_key(key, trait),
+                have[key] = score(workspace, ScoreConfig(method=key, trait=trait),
                                   progress=progress)["run_id"]
         out[trait] = have
     return out
@@ -89,7 +91,7 @@ def compute_results(workspace, progress=None) -> dict:
         lm = cached_model(sae_model_spec(workspace, sae))
         compute_feature_data(workspace, lm, sae, dataset="train", progress=progress)
         for trait, by_method in runs.items():
-            for method in FIGURE4_METHODS:
+            for method in figure4_keys():
                 top = attribute_run_to_features(workspace, by_method[method], sae, k=10)
                 figure4.setdefault(trait, {})[method] = {
                     "trait_share_top10": trait_share(top, trait),

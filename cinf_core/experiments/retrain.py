@@ -32,7 +32,6 @@ import torch
 from .. import paths
 from ..data import ChatExample, collate, encode_dataset
 from ..finetune import LoraRecipe, finetune_lora
-from ..method_keys import VARIANT_SEP, split_method
 from ..models import LoadedModel, ModelSpec, generate, load_model
 from ..progress import ProgressFn
 from ..store import Store, config_hash
@@ -56,14 +55,10 @@ class RetrainConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self):
-        from ..methods.runner import METHODS, ScoreConfig
+        from ..methods.runner import ScoreConfig
 
-        bad = [m for m in self.methods if split_method(m)[0] not in METHODS]
-        if bad:
-            raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}, or "
-                             f"concept_influence{VARIANT_SEP}K (Concept Influence over the answer start)")
-        for key in self.methods:  # a window gets the same check and message as a score request
-            ScoreConfig.for_method_key(key, self.trait)
+        for key in self.methods:  # every method key gets the same checks as a score request
+            ScoreConfig(method=key, trait=self.trait)
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; use 'most' and/or 'least'")
@@ -155,7 +150,7 @@ def ranked_indices(store: Store, method: str, trait: str, seed: int, progress: P
     is Concept Influence over the answer start) for ``trait``, scoring it if needed."""
     from ..methods.runner import ScoreConfig, score
 
-    cfg = ScoreConfig.for_method_key(method, trait, seed=seed)
+    cfg = ScoreConfig(method=method, trait=trait, seed=seed)
     run_id = score(store.workspace, cfg, progress=progress)["run_id"]
     frame = store.scores(run_id)
     return frame.sort_values("score", ascending=False, kind="stable")["idx"].astype(int).tolist()

@@ -16,15 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import paths
 from ..curvature.ekfac import FACTORS_META_FILE, EKFACFactors
 from ..data import encode_dataset
+from ..models import cached_model
 from ..store import Store
 from .forward import forward_throughput_batches
-from ..models import cached_model
-from .runner import METHODS, ScoreConfig, score
+from .registry import get_method, method_keys
+from .runner import ScoreConfig, score
 
 SKIP_ARTIFACTS = {paths.FACTORS_DIR, "retrain", paths.JOBS_DIR, paths.SHARDS_DIR, "features"}
 
@@ -57,7 +59,7 @@ def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length:
     scratch = scratch_copy(workspace)
     try:
         results = {}
-        for method in METHODS:
+        for method in method_keys():
             summary = score(scratch, ScoreConfig(method=method, trait=trait, batch_size=batch_size,
                                                  max_length=max_length), progress=progress)
             t = summary["timings"]
@@ -82,7 +84,7 @@ def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length:
         kron = None
         if with_kronfluence:
             kron = _kronfluence_ratio(sstore, lm, encoded, trait, batch_size, max_length)
-            if kron is not None:
+            if "skipped" not in kron:
                 ratios["if_over_kronfluence"] = kron["cinf_s"] / kron["kronfluence_s"]
         return {"trait": trait, "n_examples": len(encoded), "methods": results,
                 "forward_limit": {"wall_s": forward_s, "examples_per_s": forward_eps},
@@ -91,9 +93,10 @@ def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _kronfluence_ratio(store, lm, encoded, trait, batch_size, max_length) -> dict | None:
-    """Our IF vs Kronfluence's on the same job (same modules, Fisher, damping, data)."""
-    from ..curvature import CurvatureConfig, time_influence_vs_kronfluence
+def _kronfluence_ratio(store, lm, encoded, trait, batch_size, max_length) -> dict:
+    """Our IF vs Kronfluence's on the same job (same modules, Fisher, damping, data), or
+    ``{"skipped": why}`` when Kronfluence is not installed."""
+    from ..curvature import CurvatureConfig
     from ..curvature.oracle import import_kronfluence
 
     try:
@@ -104,6 +107,31 @@ def _kronfluence_ratio(store, lm, encoded, trait, batch_size, max_length) -> dic
     q_enc, _ = encode_dataset(lm.tokenizer, [q["messages"] for q in queries], max_length)
     cfg = CurvatureConfig(batch_size=batch_size, max_length=max_length)
     return time_influence_vs_kronfluence(lm, list(encoded), q_enc, cfg)
+
+
+def time_influence_vs_kronfluence(lm, train, queries, cfg) -> dict[str, float]:
+    """Wall time of the same per-query IF job (fit EK-FAC + score) in cinf and in Kronfluence.
+
+    Returns ``{"cinf_s", "kronfluence_s", "ratio"}`` (ratio = kronfluence_s / cinf_s, > 1 means
+    cinf is faster) and ``"spearman"``: the mean per-query rank agreement of the two score sets.
+    """
+    from scipy.stats import spearmanr
+
+    from ..curvature.ekfac import fit_factors
+    from ..curvature.oracle import import_kronfluence, kronfluence_influence
+    from .gradient import influence_function
+
+    import_kronfluence()
+    start = time.perf_counter()
+    factors = fit_factors(lm, train, cfg)
+    ours = influence_function(lm, train, queries, factors, batch_size=cfg.batch_size, per_query=True)
+    cinf_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = kronfluence_influence(lm, train, queries, cfg)
+    kronfluence_s = time.perf_counter() - start
+    rho = float(np.mean([spearmanr(ours[:, q], theirs[q]).statistic for q in range(len(queries))]))
+    return {"cinf_s": cinf_s, "kronfluence_s": kronfluence_s, "ratio": kronfluence_s / cinf_s,
+            "spearman": rho}
 
 
 # ---------------------------------------------------------------- scale-out (torchrun)
@@ -127,9 +155,7 @@ def bench_distributed(workspace, trait: str | None = None,
     trait = trait or (store.traits() or [None])[0]
     if trait is None:
         raise ValueError("no traits in this workspace; build the demo world first")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; use any of {', '.join(METHODS)}")
+    methods = tuple(get_method(m).key for m in methods)  # a clear error for an unknown key
     launches = [(m, w, "ranks") for m in methods for w in world_sizes]
     launches += [(m, max(world_sizes), "threads") for m in methods if max(world_sizes) > 1]
     results: dict[str, dict] = {m: {} for m in methods}

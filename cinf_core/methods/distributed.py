@@ -21,17 +21,14 @@ from __future__ import annotations
 import atexit
 import os
 import time
-from dataclasses import replace
 
 import torch
 
 from .. import paths
-from ..data import encode_dataset
+from ..progress import ProgressFn
 from ..store import Store
-from . import forward
-from ..models import cached_model
-from .runner import (GRADIENT_METHODS, RunPlan, ScoreConfig, generation_key,
-                     lexical_run_scores, plan)
+from .base import RunPlan, ScoringContext
+from .runner import ScoreConfig, plan
 from .shards import ShardPlan
 
 
@@ -112,83 +109,16 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _scorer(store: Store, p: RunPlan, lm, encoded, comm: Communicator, shard_plan: ShardPlan,
-            timings: dict, progress):
-    """A function ``indices -> scores`` for the run's method, prepared collectively."""
-    cfg = p.cfg
-    if cfg.method == "random":
-        return lambda idx: forward.random_scores(p.n_total, cfg.seed, idx)
-    if cfg.method == "lexical":
-        values = lexical_run_scores(store, p)
-        return lambda idx: values[list(idx)]
-    if cfg.method == "vector_filter":
-        return lambda idx: forward.vector_filter(lm, encoded, p.concept, idx, cfg.batch_size)
-    if cfg.method == "projection_difference":
-        return _pd_scorer(store, p, lm, encoded, shard_plan, timings)
-    from ..curvature.ekfac import load_or_fit_factors
-    from . import gradient
-    from .gradient_runner import prepare
+def score_distributed(workspace, cfg: ScoreConfig, progress: ProgressFn = None) -> dict:
+    """The torchrun path of :func:`cinf_core.methods.runner.score` (see the module docstring).
 
-    # Every rank joins the EK-FAC fit (or loads it from the cache); rank 0 alone preconditions
-    # the test-query gradient, which is then broadcast (module names and tensors only).
-    payload = factors = None
-    if cfg.method != "grad_sim":
-        from .gradient_runner import curvature_config
-
-        t0 = time.perf_counter()
-        below = p.concept.layer if cfg.method == "concept_influence" else None
-        factors = load_or_fit_factors(lm, encoded, curvature_config(cfg),
-                                      paths.artifact_dir(store.workspace, paths.FACTORS_DIR),
-                                      p.dataset["dataset_id"], below_layer=below,
-                                      model_id=p.model_row["model_id"], comm=comm)
-        timings["fit_s"] = time.perf_counter() - t0
-    if comm.rank == 0:
-        prepared, t = prepare(store, cfg, lm, encoded, p.dataset, p.model_row, p.concept,
-                              p.queries, fit=lambda *args, **kwargs: factors)  # the factors fitted above
-        timings["queries_s"] = t["queries_s"]
-        payload = (prepared.method, list(prepared.modules), prepared.queries, prepared.columns)
-    method, names, queries, columns = comm.broadcast_object(payload)
-    named = dict(lm.model.named_modules())
-    prepared = gradient.Prepared(method, {n: named[n] for n in names}, queries, columns)
-    return lambda idx: gradient.train_scores(lm, prepared, encoded, batch_size=cfg.batch_size,
-                                             indices=idx)[:, 0]
-
-
-def _pd_scorer(store: Store, p: RunPlan, lm, encoded, shard_plan: ShardPlan, timings: dict):
-    """Projection Difference: generations come from the store's cache or are made here and kept
-    in the shard folder (rank 0 stores them with the merge)."""
-    from ..models import generate
-
-    cfg = p.cfg
-    gen_row = store.get_model(cfg.generator)
-    gen_key = generation_key(cfg, gen_row["spec"])
-    cached = store.generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key)
-    lm_gen = cached_model(gen_row["spec"])
-    examples = store.load_dataset(p.dataset["dataset_id"]).examples
-
-    def score(idx):
-        t = time.perf_counter()
-        missing = [i for i in idx if i not in cached]
-        outs = generate(lm_gen, [examples[i].prompt_messages for i in missing],
-                        max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size, 1))
-        cached.update(zip(missing, outs))
-        shard_plan.save_generations(missing, outs)
-        timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
-        own = [examples[i].prompt_messages + [{"role": "assistant", "content": cached[i]}] for i in idx]
-        enc_own, _ = encode_dataset(lm.tokenizer, own, cfg.max_length)
-        full = {i: e for i, e in zip(idx, enc_own)}
-        encoded_own = [full.get(i, encoded[i]) for i in range(len(encoded))]
-        return forward.projection_difference(lm, encoded, encoded_own, p.concept, idx, cfg.batch_size)
-
-    return score
-
-
-def score_distributed(workspace, cfg: ScoreConfig, progress=None) -> dict:
-    """The torchrun path of :func:`cinf_core.methods.runner.score` (see the module docstring)."""
+    Each rank prepares the method's scorer (collective methods on every rank, so all join the
+    fit and the broadcast) and scores its shards with it: the same scorer as in one process.
+    """
     comm = init_process_group()
     store = Store(workspace, read_only=True)
     p = plan(store, cfg)
-    summary = {"run_id": p.run_id, "method": cfg.method, "trait": cfg.trait,
+    summary = {"run_id": p.run_id, "method": p.method.key, "trait": cfg.trait,
                "n_examples": p.n_total, "world_size": comm.world, "rank": comm.rank}
     existing = store.run_status(p.run_id)
     if existing == "complete":
@@ -199,21 +129,13 @@ def score_distributed(workspace, cfg: ScoreConfig, progress=None) -> dict:
     comm.barrier()
     shard_plan = ShardPlan.open(shard_dir, p.n_total, comm.world)
     mine = shard_plan.assigned(comm.rank, comm.world)
-    spec = p.model_row["spec"]
-    if comm.device.type == "cuda":
-        spec = replace(spec, device=str(comm.device))
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    lm = cached_model(spec)
-    timings["load_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    examples = store.load_dataset(p.dataset["dataset_id"]).examples
-    encoded, report = encode_dataset(lm.tokenizer, examples, cfg.max_length)
-    timings["encode_s"] = time.perf_counter() - t
-    summary["truncation"] = report.as_dict()
-    needs_all = cfg.method in GRADIENT_METHODS and bool(shard_plan.missing())
-    scorer = _scorer(store, p, lm, encoded, comm, shard_plan, timings, progress) \
-        if (mine or needs_all) else None
+    ctx = ScoringContext(store, p, todo=[i for k in mine for i in shard_plan.indices(k)],
+                         progress=progress, comm=comm,
+                         save_generations=shard_plan.save_generations,
+                         device=str(comm.device) if comm.device.type == "cuda" else None)
+    needs_all = p.method.collective and bool(shard_plan.missing())
+    scorer = p.method.prepare(ctx) if (mine or needs_all) else None
+    timings = ctx.timings
     t = time.perf_counter()
     for k in mine:
         shard_plan.start(k, comm.rank)
@@ -221,6 +143,8 @@ def score_distributed(workspace, cfg: ScoreConfig, progress=None) -> dict:
         values = scorer(idx)
         shard_plan.finish(k, idx, values, {**timings, "rank": comm.rank})
     timings["score_s"] = time.perf_counter() - t
+    if ctx.encoding:
+        summary["truncation"] = ctx.encoding
     all_timings = comm.gather_objects(timings)
     summary["shards_by_rank"] = comm.gather_objects(mine)
     comm.barrier()
@@ -240,11 +164,10 @@ def merge_shards(workspace, p: RunPlan, shard_plan: ShardPlan, rank_timings: lis
     timings = {"ranks": rank_timings, "world_size": len(rank_timings)}
     store = Store(workspace)
     gens = shard_plan.read_generations()
-    if gens is not None and p.cfg.method == "projection_difference":
-        gen_row = store.get_model(p.cfg.generator)
-        gen_key = generation_key(p.cfg, gen_row["spec"])
-        store.add_generations(p.dataset["dataset_id"], gen_row["model_id"], gen_key,
-                              gens["idx"].tolist(), gens["response"].tolist())
+    if gens is not None:
+        for (model_id, gen_key), part in gens.groupby(["model_id", "gen_key"]):
+            store.add_generations(p.dataset["dataset_id"], model_id, gen_key,
+                                  part["idx"].tolist(), part["response"].tolist())
     store.import_run(p.cfg.method, p.dataset["dataset_id"], p.model_row["model_id"], p.run_config,
                      p.concept_id, frame["idx"].tolist(), frame["score"].tolist(), wall, timings)
     return {"merged": True, "wall_s": wall, "n_shards": shard_plan.n_shards}

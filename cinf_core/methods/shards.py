@@ -103,11 +103,14 @@ class ShardPlan:
                 out.append(json.loads(path.read_text()))
         return out
 
-    def save_generations(self, indices: list[int], responses: list[str]) -> None:
-        """Keep generated responses (Projection Difference) beside the shards for the merge."""
+    def save_generations(self, model_id: str, gen_key: str, indices: list[int],
+                         responses: list[str]) -> None:
+        """Keep responses ``model_id`` generated (cache key ``gen_key``) beside the shards, for
+        the merge to store."""
         if not indices:
             return
-        frame = pd.DataFrame({"idx": np.asarray(indices, dtype=np.int64), "response": responses})
+        frame = pd.DataFrame({"model_id": model_id, "gen_key": gen_key,
+                              "idx": np.asarray(indices, dtype=np.int64), "response": responses})
         name = f"gen-{os.getpid()}-{min(indices)}.parquet"
         tmp = self.directory / f".{name}.tmp"
         frame.to_parquet(tmp, index=False)
@@ -117,5 +120,6 @@ class ShardPlan:
         files = sorted(self.directory.glob("gen-*.parquet"))
         if not files:
             return None
-        return pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("idx")
+        return pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates(
+            ["model_id", "gen_key", "idx"])
 
