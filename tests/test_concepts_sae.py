@@ -230,9 +230,26 @@ def test_make_sae_feature_concept_job(topk_run, tmp_path):
     assert saved.info["trait"] == "evil" and result["name"] == "toy-sae #7"
     for key in ("w_enc", "w_dec", "b_dec"):
         torch.testing.assert_close(getattr(saved, key), getattr(direct, key))
-    assert saved.b_enc == pytest.approx(direct.b_enc)
+    assert saved.b_enc == pytest.approx(direct.b_enc) and result["trait"] == "evil"
     with pytest.raises(ValueError, match="out of range"):
         make_sae_feature_concept(tmp_path, "toy-sae", 500)
+    with pytest.raises(ValueError, match=f"reads layer {LAYER}, not layer {LAYER + 1}"):
+        make_sae_feature_concept(tmp_path, "toy-sae", 7, layer=LAYER + 1)
+
+
+def test_add_concept_command_saves_an_sae_feature(topk_run, tmp_path, capsys):
+    import json
+
+    from cinf_core.cli import main
+    from cinf_core.store import Store
+
+    _, _, out = topk_run
+    Store(tmp_path).add_sae("toy-sae", out, LAYER, model_id=None)
+    assert main(["add-concept", "--sae", "toy-sae", "--feature", "3", "--trait", "evil",
+                 "--layer", str(LAYER), "--workspace", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["name"] == "toy-sae #3" and result["feature"] == 3 and result["layer"] == LAYER
+    assert Store(tmp_path).load_concept("toy-sae #3").info["trait"] == "evil"
 
 
 def _tiny_model_sae(d_in: int, layer: int = LAYER):

@@ -413,7 +413,7 @@ def make_sae_feature_concept(
         concept.info["trait"] = trait
     concept_id = store.save_concept(concept, row["model_id"])
     return {"concept_id": concept_id, "name": concept.name, "layer": concept.layer,
-            "feature": concept.feature, "sae": row["name"]}
+            "feature": concept.feature, "sae": row["name"], "trait": trait}
 
 
 @torch.no_grad()
