@@ -28,7 +28,7 @@ from .. import paths
 from ..progress import ProgressFn
 from ..store import Store
 from .base import RunPlan, ScoringContext
-from .runner import ScoreConfig, plan
+from .request import ScoreConfig, plan
 from .shards import ShardPlan
 
 
