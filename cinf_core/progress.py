@@ -12,6 +12,9 @@ from typing import Callable
 
 ProgressFn = Callable[[str, float], None] | None
 """``progress(stage, fraction)``: a long step reports how far it is (``None``: nobody listens)."""
+ExamplesDoneFn = Callable[[int], None] | None
+"""``done(k)``: a pass over the data just finished ``k`` more examples (the EK-FAC fit and the
+gradient passes count with it; the caller turns counts into a stage's fraction)."""
 
 
 class ProgressBar:

@@ -1,7 +1,7 @@
 """Which stored runs the evaluation and the results job read: one per method key."""
 import numpy as np
 
-from cinf_core.experiments.evaluate import RESULT_METHODS, evaluate, latest_runs
+from cinf_core.experiments.evaluate import evaluate, latest_runs, result_methods
 from cinf_core.store import Store
 from workspace_fixture import _add_run, make_examples
 
@@ -17,4 +17,4 @@ def test_answer_start_concept_influence_is_evaluated_beside_the_plain_one(tmp_pa
     assert latest_runs(store, "evil") == {"concept_influence": plain, "concept_influence@start3": window}
     auc = evaluate(tmp_path / "ws", ["evil"])["auc_pr"]["evil"]
     assert auc["concept_influence@start3"] == 1.0 and auc["concept_influence"] < 0.6
-    assert "concept_influence@start3" in RESULT_METHODS and "concept_influence" in RESULT_METHODS
+    assert "concept_influence@start3" in result_methods() and "concept_influence" in result_methods()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..data import batches
+from ..progress import ExamplesDoneFn
 from .config import CurvatureConfig
 from .lm import as_encoded, check_examples, response_losses
 from .modules import select_modules
@@ -43,7 +44,6 @@ FACTORS_FILE = "factors.safetensors"
 FACTORS_META_FILE = "factors.json"
 LAMBDA_CHUNK_BYTES = 512 * 2**20
 
-Progress = Callable[[int], None] | None
 LossFn = Callable[[nn.Module, dict, list[int]], torch.Tensor]
 
 
@@ -170,7 +170,7 @@ def fit_ekfac(
     modules: dict[str, nn.Linear],
     make_batches: Callable[[], Iterable[tuple[list[int], dict]]],
     loss_fn: LossFn,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
     comm=None,
 ) -> tuple[dict[str, ModuleFactors], int, int]:
     """Fit EK-FAC for ``modules`` with two passes over ``make_batches()``.
@@ -283,7 +283,7 @@ def fit_factors(
     examples: Sequence,
     cfg: CurvatureConfig,
     below_layer: int | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
     comm=None,
 ) -> EKFACFactors:
     """Fit EK-FAC over ``select_modules(lm.model, cfg, below_layer)`` on ``examples``.
@@ -322,7 +322,7 @@ def load_or_fit_factors(
     dataset_id: str,
     below_layer: int | None = None,
     model_id: str | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
     comm=None,
 ) -> EKFACFactors:
     """Factors from ``cache_dir/<key>`` if fitted before, else fit and save them there.

@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
-import numpy as np
-
 from .. import paths
 from ..store import config_hash
 from .base import Method, RunInputs, Scorer, ScoringContext

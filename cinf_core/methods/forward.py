@@ -18,8 +18,6 @@ from ..concepts.base import Concept, check_vector
 from ..data import EncodedExample, collate
 from ..models import LoadedModel, check_layer, hidden_states_at, response_mean
 
-Progress = Callable[[int], None] | None
-
 
 def length_batches(encoded: Sequence[EncodedExample], indices: Sequence[int],
                    batch_size: int) -> list[list[int]]:

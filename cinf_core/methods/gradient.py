@@ -25,7 +25,7 @@ a time) when it fits ``MATERIALISE_BYTES``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,8 @@ from ..curvature.modules import select_modules
 from ..curvature.tape import LinearTape, eval_mode, grad_shape
 from ..data import EncodedExample, answer_start_window, collate
 from ..models import base_config, block_index_of, check_layer, hidden_states_at
+from ..progress import ExamplesDoneFn
 
-Progress = Callable[[int], None] | None
 MATERIALISE_BYTES = 256 * 2**20
 
 
@@ -119,7 +119,7 @@ def influence_function(
     batch_size: int = 8,
     per_query: bool = False,
     indices: Sequence[int] | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
 ) -> np.ndarray:
     """IF scores ``grad L_test^T (H + lambda I)^{-1} grad L(z_i)`` (B = minus the test loss).
 
@@ -143,7 +143,7 @@ def concept_influence(
     batch_size: int = 8,
     window: int | None = None,
     indices: Sequence[int] | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
 ) -> np.ndarray:
     """CI scores ``-grad f_c^T (H + lambda I)^{-1} grad L(z_i)`` for one or several concepts.
 
@@ -169,7 +169,7 @@ def grad_sim(
     batch_size: int = 8,
     per_query: bool = False,
     indices: Sequence[int] | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
 ) -> np.ndarray:
     """Gradient similarity ``grad L_test^T grad L(z_i)``: IF with ``H = I``.
 
@@ -251,7 +251,7 @@ def train_scores(
     *,
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
-    progress: Progress = None,
+    progress: ExamplesDoneFn = None,
 ) -> np.ndarray:
     """Scores ``<Q_k, grad L(z_i)>`` summed over modules: ``[len(indices), K]`` float64.
 
