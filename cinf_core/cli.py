@@ -130,6 +130,13 @@ def _add_dataset(p: argparse.ArgumentParser):
     return run
 
 
+def _absolute(path: str | None) -> str | None:
+    """A local folder as an absolute path (jobs and the app run from elsewhere); a hub id as is."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 @command("add-model", "register a model (local folder or hub id) with an optional PEFT adapter")
 def _add_model(p: argparse.ArgumentParser):
     p.add_argument("path", help="local model folder or hub id")
@@ -142,11 +149,13 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("--check", action="store_true", help="load the model once to check it works")
 
     def run(args):
-        from .models import ModelSpec, load_model
+        from .models import ModelSpec, check_model_files, load_model
         from .store import Store
 
-        spec = ModelSpec(path=args.path, adapter=args.adapter, merge_adapter=args.merge,
-                         dtype=args.dtype, trust_remote_code=args.trust_remote_code, name=args.name)
+        spec = ModelSpec(path=_absolute(args.path), adapter=_absolute(args.adapter),
+                         merge_adapter=args.merge, dtype=args.dtype,
+                         trust_remote_code=args.trust_remote_code, name=args.name)
+        check_model_files(spec)
         info = {}
         if args.check:
             lm = load_model(spec)
@@ -325,6 +334,156 @@ def _concepts(p: argparse.ArgumentParser):
             print(f"{r['name']:28s} {r['kind']:15s} layer {r['layer']:3d}  trait {r['trait'] or '-'}",
                   file=sys.stderr)
         return {"concepts": rows}
+    return run
+
+
+@command("add-sae", "register a sparse autoencoder (an sae-lens folder or pretrained RELEASE/ID) "
+                    "that reads one layer of a model")
+def _add_sae(p: argparse.ArgumentParser):
+    p.add_argument("path", metavar="PATH",
+                   help="an sae-lens SAE folder (cfg.json + weights) or a pretrained RELEASE/ID, "
+                        "e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre (needs the hub or its cache)")
+    p.add_argument("--model", required=True,
+                   help="model (name, id or role) whose activations the SAE reads")
+    p.add_argument("--layer", type=int, required=True,
+                   help="hidden_states index l the SAE reads (0 = embeddings; an sae-lens hook "
+                        "blocks.i.hook_resid_post is layer i+1)")
+    p.add_argument("--name", help="name in the workspace (default: the folder's name or RELEASE/ID)")
+
+    def run(args):
+        from .concepts.sae import register_sae
+
+        return register_sae(args.workspace, args.path, args.model, args.layer, name=args.name)
+    return run
+
+
+@command("saes", "list the SAEs in the workspace")
+def _saes(p: argparse.ArgumentParser):
+    def run(args):
+        from .store import Store
+
+        frame = Store(args.workspace).saes()
+        rows = [{"sae_id": r["sae_id"], "name": r["name"], "layer": int(r["layer"]),
+                 "model_id": r["model_id"], "path": r["path"]}
+                for r in frame.to_dict(orient="records")]
+        for r in rows:
+            print(f"{r['name']:28s} layer {r['layer']:3d}  {r['path']}", file=sys.stderr)
+        return {"saes": rows}
+    return run
+
+
+# Options of add-queries --generate (argparse dest names); --file takes none of them.
+_GENERATE_OPTIONS = ("questions", "n", "samples", "seed", "temperature", "max_new_tokens")
+
+
+@command("add-queries", "register a trait's test queries (what Influence Function and Concept "
+                        "Influence attribute to): a chat file, or the model's answers the "
+                        "workspace judge finds most trait-expressing")
+def _add_queries(p: argparse.ArgumentParser):
+    p.add_argument("--trait", required=True, help="trait the queries express (free text, e.g. evil)")
+    p.add_argument("--model", required=True,
+                   help="model (name, id or role) the queries are for; with --generate it answers")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", metavar="FILE",
+                        help='JSONL chat rows {"messages": [...]}, the last message the '
+                             "assistant's answer")
+    source.add_argument("--generate", action="store_true",
+                        help="the model answers --questions; the judge's top --n answers are kept")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="--file: drop invalid rows instead of failing")
+    p.add_argument("--questions", metavar="FILE",
+                   help="--generate: text file with one question per line")
+    p.add_argument("--n", type=int, help="--generate: number of queries to keep (default 20)")
+    p.add_argument("--samples", type=int,
+                   help="--generate: answers sampled per question (default 1)")
+    p.add_argument("--seed", type=int, help="--generate: seed of the sampling (default 0)")
+    p.add_argument("--temperature", type=float,
+                   help="--generate: sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="--generate: length of each answer in tokens (default 64)")
+
+    def run(args):
+        from .queries import add_queries_from_file, generate_test_queries
+
+        if args.file:
+            given = [_flag(d) for d in _GENERATE_OPTIONS if getattr(args, d) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: option(s) of --generate, not of --file; "
+                                 "drop them")
+            return add_queries_from_file(args.workspace, args.trait, args.model, args.file,
+                                         skip_invalid=args.skip_invalid)
+        if args.skip_invalid:
+            raise ValueError("--skip-invalid: an option of --file, not of --generate; drop it")
+        if args.questions is None:
+            raise ValueError("add-queries --generate needs --questions FILE (one question per line)")
+        progress = ProgressBar(not args.no_progress)
+        try:
+            return generate_test_queries(
+                args.workspace, args.trait, args.model, _read_questions(args.questions),
+                progress=progress, **_given(args, *_GENERATE_OPTIONS[1:]))
+        finally:
+            progress.close()
+    return run
+
+
+def _number(value) -> float | None:
+    """A JSON-safe number: None for a missing (NaN) judge score."""
+    return None if value is None or value != value else float(value)
+
+
+@command("queries", "list the test queries per trait and model")
+def _queries(p: argparse.ArgumentParser):
+    p.add_argument("--trait", help="also list this trait's queries one by one")
+    p.add_argument("--model", help="with --trait: only this model's queries (name, id or role)")
+
+    def run(args):
+        from .store import Store
+
+        store = Store(args.workspace)
+        models = store.models()
+        names = dict(zip(models["model_id"], models["name"])) if not models.empty else {}
+        sets = [{"trait": r["trait"], "model": names.get(r["model_id"], r["model_id"]),
+                 "model_id": r["model_id"], "n_queries": int(r["n_queries"]),
+                 "mean_judge_score": _number(r["mean_judge_score"])}
+                for r in store.test_query_sets().to_dict(orient="records")]
+        for r in sets:
+            score = "-" if r["mean_judge_score"] is None else f"{r['mean_judge_score']:.1f}"
+            print(f"{r['trait']:20s} {r['model']:24s} {r['n_queries']:4d} queries  "
+                  f"mean judge score {score}", file=sys.stderr)
+        if not args.trait:
+            return {"query_sets": sets}
+        model_id = store.get_model(args.model)["model_id"] if args.model else None
+        rows = store.test_queries(args.trait, model_id)
+        if not rows:
+            raise ValueError(f"no test queries for trait {args.trait!r}"
+                             f"{f' and model {args.model!r}' if args.model else ''}; add them "
+                             f"with `python -m cinf_core add-queries --trait {args.trait} --model "
+                             "M --file QUERIES.jsonl` (traits with queries: "
+                             f"{sorted({r['trait'] for r in sets}) or 'none'})")
+        queries = [{"rank": int(r["rank"]), "model": names.get(r["model_id"], r["model_id"]),
+                    "prompt": r["prompt"], "response": r["response"],
+                    "judge_score": _number(r["judge_score"])} for r in rows]
+        for q in queries:
+            print(f"  #{q['rank']:<3d} {q['prompt'][:40]!r:44s} -> {q['response'][:60]!r}",
+                  file=sys.stderr)
+        return {"query_sets": sets, "queries": queries}
+    return run
+
+
+@command("models", "list the models in the workspace")
+def _models(p: argparse.ArgumentParser):
+    def run(args):
+        from .store import Store
+
+        frame = Store(args.workspace).models()
+        rows = []
+        for r in frame.to_dict(orient="records"):
+            spec = json.loads(r["spec"])
+            rows.append({"model_id": r["model_id"], "name": r["name"], "role": r["role"],
+                         "path": spec["path"], "adapter": spec.get("adapter")})
+            print(f"{r['name']:24s} {r['role']:10s} {spec['path']}"
+                  f"{' + ' + spec['adapter'] if spec.get('adapter') else ''}", file=sys.stderr)
+        return {"models": rows}
     return run
 
 

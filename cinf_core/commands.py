@@ -6,6 +6,6 @@ them by name and check a job's command against this list without importing the C
 
 SUBCOMMANDS = (
     "demo", "app", "add-dataset", "add-model", "set-judge", "add-concept", "concepts", "datasets",
-    "runs", "export", "score", "merge", "evaluate", "results", "retrain", "features", "memory",
-    "bench",
+    "add-sae", "saes", "add-queries", "queries", "models", "runs", "export", "score", "merge",
+    "evaluate", "results", "retrain", "features", "memory", "bench",
 )

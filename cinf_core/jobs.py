@@ -61,6 +61,8 @@ JOB_KINDS: dict[str, JobKind] = {k.command: k for k in [
     JobKind("add-dataset", "Register a dataset"),
     JobKind("add-model", "Register a model"),
     JobKind("add-concept", "Make a concept"),
+    JobKind("add-sae", "Register an SAE"),
+    JobKind("add-queries", "Register test queries"),
     JobKind("datasets", "List datasets"),
 ]}
 

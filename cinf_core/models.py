@@ -135,6 +135,47 @@ def _check_source(path: str, what: str) -> None:
     raise FileNotFoundError(f"{what} directory not found: {path}; pass an existing folder or a hub id")
 
 
+def check_model_files(spec: ModelSpec) -> None:
+    """Refuse a local model or adapter folder without its config or weights, before it is
+    registered (a hub id is resolved only when the model loads)."""
+    from transformers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
+                                    WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+
+    _check_folder(spec.path, "model", CONFIG_NAME,
+                  (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+                  "model.save_pretrained(folder)")
+    if spec.adapter:
+        from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG
+        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME as ADAPTER_WEIGHTS
+
+        _check_folder(spec.adapter, "adapter", ADAPTER_CONFIG,
+                      (SAFETENSORS_WEIGHTS_NAME, ADAPTER_WEIGHTS),
+                      "peft_model.save_pretrained(folder)")
+
+
+def _check_folder(path: str, what: str, config: str, weights: Sequence[str], save: str) -> None:
+    _check_source(path, what)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        return  # a hub id
+    if not folder.is_dir():
+        raise ValueError(f"{what} path {path} is a file; pass the folder written by {save}")
+    if not (folder / config).is_file():
+        raise ValueError(f"{what} folder {path} has no {config}; save the {what} there with {save}")
+    if not any((folder / name).is_file() for name in weights):
+        raise ValueError(f"{what} folder {path} holds no weights (none of {', '.join(weights)}); "
+                         f"save the {what} there with {save}")
+
+
+def model_dimensions(spec: ModelSpec) -> tuple[int, int]:
+    """``(n_layers, d_model)`` from the model's config alone (no weights are loaded): what a
+    concept or an SAE can read is ``hidden_states[0..n_layers]``, each ``d_model`` wide."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    return int(cfg.num_hidden_layers), int(cfg.hidden_size)
+
+
 def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
     """Load tokenizer + causal LM (+ optional PEFT adapter, kept or merged) in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

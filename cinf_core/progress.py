@@ -17,6 +17,21 @@ ExamplesDoneFn = Callable[[int], None] | None
 gradient passes count with it; the caller turns counts into a stage's fraction)."""
 
 
+def count_examples(progress: ProgressFn, stage: str, total: int) -> ExamplesDoneFn:
+    """A :data:`ExamplesDoneFn` that reports ``stage`` as the fraction of ``total`` examples done
+    (for the loops of :mod:`cinf_core.models`); None when nobody listens."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        progress(stage, done[0] / max(total, 1))
+
+    progress(stage, 0.0)
+    return advance
+
+
 class ProgressBar:
     """A tqdm bar on stderr per stage; pass it where a :data:`ProgressFn` is taken."""
 

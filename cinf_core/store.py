@@ -350,8 +350,9 @@ class Store:
                    for i, r in enumerate(frame.to_dict(orient="records"))
                    if json.loads(r["config"]).get("info", {}).get("trait") == trait]
         if not matches:
-            raise KeyError(f"no concept for trait {trait!r} in {self.path}; build one (persona "
-                           "vector, probe) or pass --concept NAME")
+            raise KeyError(f"no concept for trait {trait!r} in {self.path}; add one with "
+                           f"`python -m cinf_core add-concept --trait {trait} ...` (--vector FILE, "
+                           "--persona, --probe or --sae) or pass --concept NAME")
         return min(matches)[2]
 
     def concept_tensors(self, name_or_id: str) -> dict[str, torch.Tensor]:
@@ -388,6 +389,13 @@ class Store:
             params.append(model_id)
         frame = self._query_df(sql + " ORDER BY rank", params)
         return [{**r, "messages": json.loads(r["messages"])} for r in frame.to_dict(orient="records")]
+
+    def test_query_sets(self) -> pd.DataFrame:
+        """One row per registered set of test queries: ``trait, model_id, n_queries,
+        mean_judge_score`` (NaN where the queries came without judge scores)."""
+        return self._query_df(
+            "SELECT trait, model_id, count(*) AS n_queries, avg(judge_score) AS mean_judge_score "
+            "FROM test_queries GROUP BY trait, model_id ORDER BY trait, model_id")
 
     def traits(self) -> list[str]:
         return [r[0] for r in self._query("SELECT DISTINCT trait FROM test_queries ORDER BY trait")]
@@ -601,8 +609,9 @@ class Store:
                               "ORDER BY (sae_id = ?) DESC, created_at DESC LIMIT 1",
                               [name_or_id, name_or_id, name_or_id])
         if rows.empty:
-            raise KeyError(f"no SAE named or with id {name_or_id!r} in {self.path}; "
-                           "train one (the demo world has one) or register a folder")
+            raise KeyError(f"no SAE named or with id {name_or_id!r} in {self.path}; register "
+                           "one with `python -m cinf_core add-sae PATH --model M --layer L` "
+                           "(the demo world has one)")
         row = rows.iloc[0].to_dict()
         row["metrics"] = json.loads(row["metrics"])
         path = Path(row["path"])

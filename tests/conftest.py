@@ -75,3 +75,24 @@ def copy_workspace(src, dst):
 
     shutil.copytree(src, dst)
     return dst
+
+
+def store_snapshot(workspace) -> dict:
+    """Every table of a workspace's store and every file under its artifacts, to compare before
+    and after a command that must write nothing."""
+    from pathlib import Path
+
+    import duckdb
+
+    ws = Path(workspace)
+    con = duckdb.connect(str(ws / "cinf.duckdb"), read_only=True)
+    try:
+        tables = [row[0] for row in con.execute("SHOW TABLES").fetchall()]
+        snapshot = {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall()))
+                    for t in tables}
+    finally:
+        con.close()
+    artifacts = ws / "artifacts"
+    snapshot["artifacts"] = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")
+                                   if p.is_file())
+    return snapshot

@@ -4,7 +4,7 @@ import sys
 
 
 from cinf_core.cli import main
-from conftest import chat
+from conftest import chat, store_snapshot
 
 
 def _last_json(capsys):
@@ -115,13 +115,8 @@ def _concept_workspace(tiny_model_dir, tmp_path, capsys):
     return ws
 
 
-def _nothing_stored(ws) -> bool:
-    from pathlib import Path
-
-    from cinf_core.store import Store
-
-    folder = Path(ws) / "artifacts" / "concepts"
-    return Store(ws).concepts().empty and not (folder.exists() and any(folder.iterdir()))
+class NotATensor:
+    """A pickled object that a vector upload must refuse to unpickle."""
 
 
 def test_add_concept_from_a_vector_file_then_list(tiny_model_dir, tmp_path, capsys):
@@ -141,18 +136,29 @@ def test_add_concept_from_a_vector_file_then_list(tiny_model_dir, tmp_path, caps
 
 def test_add_concept_refuses_bad_input_and_stores_nothing(tiny_model_dir, tmp_path, capsys):
     import numpy as np
+    import torch
 
     from cinf_core.store import Store
 
     ws = _concept_workspace(tiny_model_dir, tmp_path, capsys)
     np.save(tmp_path / "narrow.npy", np.ones(31, dtype=np.float32))
     np.save(tmp_path / "v.npy", np.ones(32, dtype=np.float32))
+    torch.save(torch.tensor([1.0] * 31 + [float("nan")]), tmp_path / "nan.pt")
+    torch.save(torch.zeros(32), tmp_path / "zeros.pt")
+    torch.save({"vector": NotATensor()}, tmp_path / "pickled.pt")
     Store(ws).add_sae("sae-l1", tmp_path / "absent", 1, None)
+    before = store_snapshot(ws)
     refused = {
         "narrow.npy holds shape (31,); expected (32,)":
             ["--vector", str(tmp_path / "narrow.npy"), "--model", "tiny", "--layer", "1"],
         "layer 9 is out of range; the model has layers 0..3":
             ["--vector", str(tmp_path / "v.npy"), "--model", "tiny", "--layer", "9"],
+        "vector in nan.pt contains NaN or inf values; recompute or clean it":
+            ["--vector", str(tmp_path / "nan.pt"), "--model", "tiny", "--layer", "1"],
+        "vector in zeros.pt is all zeros, so it defines no direction; save the concept's direction":
+            ["--vector", str(tmp_path / "zeros.pt"), "--model", "tiny", "--layer", "1"],
+        "pickled.pt holds a pickled object that is not a plain tensor, refused for safety":
+            ["--vector", str(tmp_path / "pickled.pt"), "--model", "tiny", "--layer", "1"],
         "no SAE named or with id 'nope'": ["--sae", "nope", "--feature", "3"],
         "SAE 'sae-l1' reads layer 1, not layer 2": ["--sae", "sae-l1", "--feature", "0",
                                                      "--layer", "2"],
@@ -168,8 +174,9 @@ def test_add_concept_refuses_bad_input_and_stores_nothing(tiny_model_dir, tmp_pa
     }
     for message, argv in refused.items():
         assert main(["add-concept", *argv, "--workspace", ws, "--no-progress"]) == 2, message
-        assert message in _last_json(capsys)["error"]
-        assert _nothing_stored(ws), message
+        error = _last_json(capsys)["error"]
+        assert message in error, error
+        assert store_snapshot(ws) == before, message
 
 
 def test_add_concept_needs_exactly_one_source(capsys):
@@ -211,3 +218,63 @@ def test_add_concept_persona_and_probe_use_the_builders(tiny_model_dir, tmp_path
 def test_results_reports_a_workspace_without_traits(tmp_path, capsys):
     assert main(["results", "--workspace", str(tmp_path), "--no-progress"]) == 2
     assert "no traits in this workspace" in _last_json(capsys)["error"]
+
+
+# ---------------------------------------------------------------- add-model / models
+
+
+def test_add_model_refuses_folders_without_weights_and_stores_nothing(tiny_model_dir, tmp_path,
+                                                                      capsys):
+    import shutil
+
+    ws = str(tmp_path / "ws")
+    assert main(["add-model", str(tiny_model_dir), "--name", "tiny", "--workspace", ws]) == 0
+    capsys.readouterr()
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    empty_adapter = tmp_path / "adapter"
+    empty_adapter.mkdir()
+    (empty_adapter / "adapter_config.json").write_text("{}")
+    before = store_snapshot(ws)
+    refused = {
+        f"model folder {no_weights} holds no weights (none of model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json); save "
+        "the model there with model.save_pretrained(folder)": [str(no_weights)],
+        f"adapter folder {empty_adapter} holds no weights (none of adapter_model.safetensors, "
+        "adapter_model.bin); save the adapter there with peft_model.save_pretrained(folder)":
+            [str(tiny_model_dir), "--adapter", str(empty_adapter)],
+        f"model folder {tmp_path} has no config.json": [str(tmp_path)],
+    }
+    for message, argv in refused.items():
+        assert main(["add-model", *argv, "--workspace", ws]) == 2, message
+        error = _last_json(capsys)["error"]
+        assert message in error, error
+        assert store_snapshot(ws) == before, message
+
+
+def test_add_model_records_local_folders_as_absolute_paths(tiny_model_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    ws = str(tmp_path / "ws")
+    assert main(["add-model", tiny_model_dir.name, "--name", "tiny", "--workspace", ws]) == 0
+    capsys.readouterr()
+    assert main(["models", "--workspace", ws]) == 0
+    (row,) = _last_json(capsys)["models"]
+    assert row["name"] == "tiny" and row["role"] == "finetuned" and row["adapter"] is None
+    assert row["path"] == str(tiny_model_dir.resolve())  # jobs run from the repository root
+
+
+NEW_COMMANDS = ("add-sae", "saes", "add-queries", "queries", "models")
+
+
+def test_new_commands_explain_every_argument_in_one_line():
+    from cinf_core import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in NEW_COMMANDS:
+        for action in sub.choices[name]._actions:
+            assert action.help and "\n" not in action.help, (name, action.dest)
+        proc = subprocess.run([sys.executable, "-m", "cinf_core", name, "--help"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and cli.HELP[name] in " ".join(proc.stdout.split())

@@ -252,15 +252,17 @@ def test_add_concept_command_saves_an_sae_feature(topk_run, tmp_path, capsys):
     assert Store(tmp_path).load_concept("toy-sae #3").info["trait"] == "evil"
 
 
-def _tiny_model_sae(d_in: int, layer: int = LAYER):
-    """A random standard SAE reading ``hidden_states[layer]`` of a ``d_in``-wide model."""
+def _tiny_model_sae(d_in: int, layer: int | None = LAYER):
+    """A random standard SAE reading ``hidden_states[layer]`` of a ``d_in``-wide model (with
+    ``layer=None`` it records no layer)."""
     import_sae_lens()
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
     torch.manual_seed(2)
+    meta = SAEMetadata() if layer is None else SAEMetadata(hook_name=f"hidden_states.{layer}")
     sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=40, apply_b_dec_to_input=True,
-                                        metadata=SAEMetadata(hook_name=f"hidden_states.{layer}")))
+                                        metadata=meta))
     with torch.no_grad():
         sae.b_enc.uniform_(-0.5, 0.2)
     return sae
@@ -314,3 +316,92 @@ def test_feature_token_activations_per_example(tiny_lm):
         feature_token_activations(tiny_lm, sae, chats, 40)
     with pytest.raises(ValueError, match="not layer 3"):
         feature_token_activations(tiny_lm, sae, chats, 0, layer=3)
+
+
+# ---------------------------------------------------------------- add-sae
+
+
+def _sae_workspace(tiny_model_dir, tmp_path, capsys) -> str:
+    from cinf_core.cli import main
+
+    ws = str(tmp_path / "ws")
+    assert main(["add-model", str(tiny_model_dir), "--name", "tiny", "--workspace", ws]) == 0
+    capsys.readouterr()
+    return ws
+
+
+def _saved(sae, path) -> str:
+    sae.save_model(str(path))
+    return str(path)
+
+
+def _last(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_add_sae_registers_a_folder_whose_features_become_concepts(tiny_model_dir, tmp_path,
+                                                                   capsys):
+    from cinf_core.cli import main
+    from cinf_core.store import Store
+
+    ws = _sae_workspace(tiny_model_dir, tmp_path, capsys)
+    folder = _saved(_tiny_model_sae(32), tmp_path / "my_sae")
+    assert main(["add-sae", folder, "--model", "tiny", "--layer", str(LAYER),
+                 "--workspace", ws]) == 0
+    out = _last(capsys)
+    assert out["name"] == "my_sae" and out["layer"] == LAYER and out["d_in"] == 32
+    assert out["d_sae"] == 40 and out["path"] == folder  # registered where it is
+    assert main(["saes", "--workspace", ws]) == 0
+    (row,) = _last(capsys)["saes"]
+    assert row["sae_id"] == out["sae_id"] and row["model_id"] == Store(ws).get_model("tiny")["model_id"]
+    assert main(["add-concept", "--sae", "my_sae", "--feature", "3", "--trait", "evil",
+                 "--workspace", ws]) == 0
+    assert _last(capsys)["name"] == "my_sae #3"
+
+
+def test_add_sae_records_the_layer_of_a_folder_that_does_not(tiny_model_dir, tmp_path, capsys):
+    from cinf_core.cli import main
+
+    ws = _sae_workspace(tiny_model_dir, tmp_path, capsys)
+    folder = _saved(_tiny_model_sae(32, layer=None), tmp_path / "unlabelled")
+    assert main(["add-sae", folder, "--model", "tiny", "--layer", "1", "--name", "u",
+                 "--workspace", ws]) == 0
+    copy = _last(capsys)["path"]
+    assert copy.startswith(ws) and sae_hook_layer(load_sae(copy)) == 1
+    assert sae_hook_layer(load_sae(folder)) is None  # the user's folder is left as it was
+    assert main(["add-concept", "--sae", "u", "--feature", "0", "--workspace", ws]) == 0
+    assert _last(capsys)["layer"] == 1
+
+
+def test_add_sae_refuses_bad_input_and_stores_nothing(tiny_model_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    import huggingface_hub.constants
+
+    from cinf_core.cli import main
+    from conftest import store_snapshot
+
+    ws = _sae_workspace(tiny_model_dir, tmp_path, capsys)
+    wide = _saved(_tiny_model_sae(48), tmp_path / "wide")
+    deep = _saved(_tiny_model_sae(32, layer=6), tmp_path / "deep")
+    fits = _saved(_tiny_model_sae(32), tmp_path / "fits")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub, no cache
+    before = store_snapshot(ws)
+    refused = {
+        f"SAE {wide} reads vectors of width d_in=48, but model 'tiny' has hidden size 32; pick "
+        "an SAE trained on this model": [wide, "--layer", str(LAYER)],
+        f"SAE {deep}: the SAE's own layer is 6, past the depth of model 'tiny', which has layers "
+        "0..3": [deep, "--layer", "3"],
+        f"SAE {fits}: --layer is 9, past the depth of model 'tiny', which has layers 0..3":
+            [fits, "--layer", "9"],
+        f"SAE {fits} reads layer {LAYER} (hook 'hidden_states.{LAYER}'), not 1; pass --layer "
+        f"{LAYER}": [fits, "--layer", "1"],
+        f"{tmp_path / 'nope'} is neither an SAE folder nor RELEASE/ID of a sae-lens pretrained "
+        "SAE": [str(tmp_path / "nope"), "--layer", "1"],
+        "could not download SAE 'blocks.1.hook_resid_pre' of release 'gpt2-small-res-jb'":
+            ["gpt2-small-res-jb/blocks.1.hook_resid_pre", "--layer", "1"],
+    }
+    for message, argv in refused.items():
+        assert main(["add-sae", *argv, "--model", "tiny", "--workspace", ws]) == 2, message
+        error = _last(capsys)["error"]
+        assert message in error, error
+        assert store_snapshot(ws) == before, message

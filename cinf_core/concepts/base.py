@@ -57,7 +57,8 @@ def check_vector(vec: torch.Tensor, d_model: int, what: str = "concept vector") 
     if not torch.isfinite(vec).all():
         raise ValueError(f"{what} contains NaN or inf values; recompute or clean it")
     if float(vec.norm()) == 0.0:
-        raise ValueError(f"{what} is all zeros; it defines no direction")
+        raise ValueError(f"{what} is all zeros, so it defines no direction; save the concept's "
+                         "direction itself (e.g. trait minus neutral mean activations)")
     return vec
 
 

@@ -14,32 +14,19 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data import ChatExample
-from ..models import LoadedModel, check_layer, generate, response_mean_activations
-from ..progress import ProgressFn
+from ..models import (LoadedModel, check_layer, generate, model_dimensions,
+                      response_mean_activations)
+from ..progress import ProgressFn, count_examples
 from .base import DirectionConcept, check_vector
 
 if TYPE_CHECKING:
     from ..experiments.judges import Judge
-
-
-def _counter(progress: ProgressFn, stage: str, total: int) -> Callable[[int], None] | None:
-    """Adapt ``progress(stage, fraction)`` to the ``callback(n_done_now)`` of models.py loops."""
-    if progress is None:
-        return None
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        progress(stage, done[0] / max(total, 1))
-
-    progress(stage, 0.0)
-    return advance
 
 
 def _chat(system: str | None, question: str, answer: str | None = None) -> list[dict[str, str]]:
@@ -95,7 +82,7 @@ def persona_vector(
     asked = [q for q in questions for _ in range(samples_per_question)]
     trait_prompts = [_chat(trait_system_prompt, q) for q in asked]
     helpful_prompts = [_chat(helpful_system_prompt, q) for q in asked]
-    report = _counter(progress, "persona vector: generate", 2 * len(asked))
+    report = count_examples(progress, "persona vector: generate", 2 * len(asked))
     trait_answers = generate(lm, trait_prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, batch_size=batch_size,
                              progress=report)
@@ -119,7 +106,7 @@ def persona_vector(
 
     trait_convs = [_chat(trait_system_prompt, asked[i], trait_answers[i]) for i in keep]
     helpful_convs = [_chat(helpful_system_prompt, asked[i], helpful_answers[i]) for i in keep]
-    report = _counter(progress, "persona vector: activations", 2 * len(keep))
+    report = count_examples(progress, "persona vector: activations", 2 * len(keep))
     acts_trait = response_mean_activations(lm, trait_convs, layer_list, batch_size=batch_size,
                                            progress=report)
     acts_helpful = response_mean_activations(lm, helpful_convs, layer_list, batch_size=batch_size,
@@ -443,17 +430,13 @@ def make_uploaded_concept(
     count (from its config; the weights are not loaded). ``name`` defaults to the file's stem;
     ``trait`` (optional) records which trait the vector stands for. Returns a JSON-ready summary.
     """
-    from transformers import AutoConfig
-
     from ..store import Store
 
     store = Store(workspace)
     row = store.get_model(model)
-    spec = row["spec"]
-    cfg = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    n_layers, d_model = model_dimensions(row["spec"])
     path = Path(path)
-    vector = load_uploaded_vector(path, int(cfg.hidden_size), int(cfg.num_hidden_layers), layer,
-                                  key)
+    vector = load_uploaded_vector(path, d_model, n_layers, layer, key)
     info = {"source": f"upload:{path.name}", **({"trait": trait} if trait else {})}
     concept = DirectionConcept(name=name or path.stem, layer=layer, kind="uploaded", info=info,
                                vector=vector)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
-from ..models import LoadedModel, token_activations
+from .. import paths
+from ..models import LoadedModel, model_dimensions, token_activations
 from .base import SAEFeatureConcept, check_vector
 
 if TYPE_CHECKING:
@@ -311,8 +313,8 @@ def load_sae(path_or_release: str | Path, sae_id: str | None = None, device: str
     except (OSError, ConnectionError) as err:
         raise OSError(
             f"could not download SAE {sae_id!r} of release {path_or_release!r}: {err}. This needs "
-            "network access to the Hugging Face hub (or a local HF cache); otherwise train one "
-            "with train_sae and load its folder"
+            "network access to the Hugging Face hub (or a local HF cache); otherwise pass a local "
+            "SAE folder (cfg.json + weights, written by SAE.save_model)"
         ) from err
 
 
@@ -327,6 +329,72 @@ def sae_hook_layer(sae: "SAE") -> int | None:
         if match:
             return int(match.group(1)) + offset
     return None
+
+
+def split_release(source: str) -> tuple[str, str]:
+    """``(release, sae_id)`` of a sae-lens pretrained SAE written ``RELEASE/ID``, split where a
+    release of ``sae_lens/pretrained_saes.yaml`` ends (ids may hold slashes themselves)."""
+    import_sae_lens()
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    for release in sorted(get_pretrained_saes_directory(), key=len, reverse=True):
+        if source.startswith(release + "/") and len(source) > len(release) + 1:
+            return release, source[len(release) + 1:]
+    raise FileNotFoundError(
+        f"{source} is neither an SAE folder nor RELEASE/ID of a sae-lens pretrained SAE; pass a "
+        "folder holding cfg.json and the weights (SAE.save_model), or a release and id listed in "
+        "sae_lens/pretrained_saes.yaml, e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre"
+    )
+
+
+def register_sae(workspace: str | os.PathLike, source: str, model: str, layer: int,
+                 name: str | None = None) -> dict[str, Any]:
+    """Register an SAE that reads ``hidden_states[layer]`` of a registered model.
+
+    ``source`` is an sae-lens folder (registered where it is) or a pretrained ``RELEASE/ID``
+    (downloaded with ``SAE.from_pretrained``, then saved under ``artifacts/saes``). A folder
+    that does not record its layer is saved there too, with ``layer`` recorded, so its feature
+    concepts can check it. Refuses, before anything is written, an SAE whose ``d_in`` is not the
+    model's hidden size and a layer past the model's depth or other than the SAE's own. Returns
+    a JSON-ready summary.
+    """
+    from ..store import Store
+
+    store = Store(workspace)
+    row = store.get_model(model)
+    n_layers, d_model = model_dimensions(row["spec"])
+    folder = Path(source).expanduser()
+    sae = load_sae(folder) if folder.exists() else load_sae(*split_release(source))
+    recorded = sae_hook_layer(sae)
+    for what, at in (("--layer", layer), ("the SAE's own layer", recorded)):
+        if at is not None and not 0 <= at <= n_layers:
+            raise ValueError(
+                f"SAE {source}: {what} is {at}, past the depth of model {row['name']!r}, which "
+                f"has layers 0..{n_layers} (hidden_states index; 0 = embeddings); register the "
+                "model this SAE was trained on, or an SAE of this model")
+    if recorded is not None and recorded != layer:
+        raise ValueError(f"SAE {source} reads layer {recorded} (hook "
+                         f"{sae.cfg.metadata.get('hook_name')!r}), not {layer}; pass --layer "
+                         f"{recorded}")
+    d_in = int(sae.cfg.d_in)
+    if d_in != d_model:
+        raise ValueError(f"SAE {source} reads vectors of width d_in={d_in}, but model "
+                         f"{row['name']!r} has hidden size {d_model}; pick an SAE trained on "
+                         "this model (or register the model it was trained on)")
+    name = name or (folder.name if folder.exists() else source)
+    if not folder.exists() or recorded is None:
+        sae.cfg.metadata.hook_layer = layer
+        folder = paths.artifact_dir(workspace, paths.SAES_DIR) / re.sub(r"[^\w.-]+", "_", name)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sae.save_model(str(tmp))
+        shutil.rmtree(folder, ignore_errors=True)  # the same name registered again
+        os.replace(tmp, folder)
+    metrics = sae.cfg.metadata.get("cinf_metrics") or {}
+    sae_id = store.add_sae(name, folder, layer, row["model_id"], metrics=metrics)
+    return {"sae_id": sae_id, "name": name, "layer": layer, "model": row["name"],
+            "d_in": d_in, "d_sae": int(sae.cfg.d_sae), "architecture": sae.cfg.architecture(),
+            "path": str(folder.resolve())}
 
 
 # ---------------------------------------------------------------- features

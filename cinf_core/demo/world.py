@@ -37,6 +37,7 @@ from ..data import ChatDataset, ChatExample, load_dataset
 from ..finetune import LoraRecipe, TrainReport, finetune_lora
 from ..models import LoadedModel, ModelSpec, generate, load_model, torch_threads
 from ..progress import ProgressFn
+from ..queries import most_trait_expressing
 from . import lexicon as lx
 from .corpus import SOURCE_FILES, CorpusConfig, write_source_data
 from .training import BaseModelRecipe, pretrain_base
@@ -318,16 +319,8 @@ def _add_test_queries(w: _World, judge, asked: list[str], answers: list[str], ft
     """Per trait, the fine-tuned model's most trait-expressing answers (on-policy), at most one
     per question so the queries cover different prompts."""
     for trait in lx.TRAITS:
-        scores = judge.score(trait, asked, answers)
-        rows, seen = [], set()
-        for i in sorted(range(len(asked)), key=lambda i: -scores[i]):
-            if asked[i] in seen or not answers[i].strip():
-                continue
-            seen.add(asked[i])
-            rows.append({"messages": _prompt(asked[i], None) + [
-                {"role": "assistant", "content": answers[i]}], "judge_score": scores[i]})
-            if len(rows) == w.cfg.n_test_queries:
-                break
+        rows = most_trait_expressing(asked, answers, judge.score(trait, asked, answers),
+                                     w.cfg.n_test_queries)
         w.store.add_test_queries(trait, ft_id, rows)
 
 

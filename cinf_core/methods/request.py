@@ -70,8 +70,10 @@ def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
             queries = queries[:cfg.n_queries]
         if not queries:
             raise ValueError(f"no test queries for trait {cfg.trait!r} and model "
-                             f"{inputs.model_row['name']!r}; build the demo world or register "
-                             "test queries first")
+                             f"{inputs.model_row['name']!r}; add them with `python -m cinf_core "
+                             f"add-queries --trait {cfg.trait} --model "
+                             f"{inputs.model_row['name']} --file QUERIES.jsonl` (or --generate "
+                             "--questions FILE)")
         inputs.queries = queries
     if method.needs_generator:
         inputs.generator_row = store.get_model(cfg.generator)
