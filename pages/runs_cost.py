@@ -27,7 +27,11 @@ def score_form() -> None:
         return
     with st.form("rc:score"):
         f1, f2, f3 = st.columns(3)
-        method = f1.selectbox("Method", registry.method_keys(), format_func=registry.method_label)
+        keys = registry.method_keys()
+        # Default: the cheapest method that reads the model (seconds, and it ranks by the concept).
+        quick = min((m for m in registry.registered() if m.loads_model), key=lambda m: m.cost)
+        method = f1.selectbox("Method", keys, index=keys.index(quick.key),
+                              format_func=registry.method_label)
         trait = f2.selectbox("Trait", traits) if traits else f2.text_input("Trait", "evil")
         dataset = f3.selectbox("Training set", list(datasets["name"]),
                                index=newest_with_role(datasets, "train"))
