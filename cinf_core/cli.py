@@ -342,13 +342,15 @@ def _concepts(p: argparse.ArgumentParser):
 def _add_sae(p: argparse.ArgumentParser):
     p.add_argument("path", metavar="PATH",
                    help="an sae-lens SAE folder (cfg.json + weights) or a pretrained RELEASE/ID, "
-                        "e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre (needs the hub or its cache)")
+                        "e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre (needs the hub or its "
+                        "cache)")
     p.add_argument("--model", required=True,
                    help="model (name, id or role) whose activations the SAE reads")
     p.add_argument("--layer", type=int, required=True,
                    help="hidden_states index l the SAE reads (0 = embeddings; an sae-lens hook "
                         "blocks.i.hook_resid_post is layer i+1)")
-    p.add_argument("--name", help="name in the workspace (default: the folder's name or RELEASE/ID)")
+    p.add_argument("--name",
+                   help="name in the workspace (default: the folder's name or RELEASE/ID)")
 
     def run(args):
         from .concepts.sae import register_sae
@@ -380,7 +382,8 @@ _GENERATE_OPTIONS = ("questions", "n", "samples", "seed", "temperature", "max_ne
                         "Influence attribute to): a chat file, or the model's answers the "
                         "workspace judge finds most trait-expressing")
 def _add_queries(p: argparse.ArgumentParser):
-    p.add_argument("--trait", required=True, help="trait the queries express (free text, e.g. evil)")
+    p.add_argument("--trait", required=True,
+                   help="trait the queries express (free text, e.g. evil)")
     p.add_argument("--model", required=True,
                    help="model (name, id or role) the queries are for; with --generate it answers")
     source = p.add_mutually_exclusive_group(required=True)
@@ -415,7 +418,8 @@ def _add_queries(p: argparse.ArgumentParser):
         if args.skip_invalid:
             raise ValueError("--skip-invalid: an option of --file, not of --generate; drop it")
         if args.questions is None:
-            raise ValueError("add-queries --generate needs --questions FILE (one question per line)")
+            raise ValueError("add-queries --generate needs --questions FILE (one question per "
+                             "line)")
         progress = ProgressBar(not args.no_progress)
         try:
             return generate_test_queries(

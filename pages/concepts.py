@@ -1,4 +1,5 @@
-"""Concepts: the directions cinf attributes to, and forms to make new ones."""
+"""Concepts: the directions cinf attributes to, forms to make new ones, register an SAE, and the
+test queries that Influence Function and Concept Influence attribute to."""
 import tempfile
 from pathlib import Path
 
@@ -86,8 +87,8 @@ st.caption("Building a concept runs the model, so it runs as a background job; t
            "its progress and you can switch pages meanwhile.")
 models = sh.read(Store.models)
 model_options = list(models["name"]) if not models.empty else []
-tab_persona, tab_probe, tab_sae, tab_upload = st.tabs(
-    ["Persona vector", "Linear probe", "SAE feature", "Upload a vector"])
+tab_persona, tab_probe, tab_sae, tab_upload, tab_register = st.tabs(
+    ["Persona vector", "Linear probe", "SAE feature", "Upload a vector", "Register an SAE"])
 
 with tab_persona:
     with st.form("concept:persona"):
@@ -139,8 +140,9 @@ with tab_sae:
     saes = sh.read(Store.saes)
     if saes.empty:
         sh.empty_state("No SAE registered in this workspace.",
-                       "the demo world trains one at the concept layer; or register an sae-lens "
-                       "folder from Python (`Store.add_sae`).")
+                       "register an sae-lens SAE in the **Register an SAE** tab (or "
+                       "`python -m cinf_core add-sae`); the demo world trains one at the "
+                       "concept layer.")
     else:
         with st.form("concept:sae"):
             sae = st.selectbox("SAE", list(saes["name"]))
@@ -178,3 +180,90 @@ with tab_upload:
             st.error(f"Could not save the concept: {err}")
         else:
             st.success(f"Saved concept '{up_name}' ({saved['concept_id']}).")
+
+with tab_register:
+    st.caption("An sae-lens SAE folder on this machine (`cfg.json` + weights, as `SAE.save_model` "
+               "writes it) or a pretrained `RELEASE/ID` from sae-lens's list (downloaded; needs "
+               "the Hugging Face hub or its cache). Its width must be the model's hidden size.")
+    with st.form("sae:register"):
+        source = st.text_input(
+            "SAE folder or RELEASE/ID", "", key="sae:source",
+            placeholder="/path/to/sae or gpt2-small-res-jb/blocks.8.hook_resid_pre")
+        model = st.selectbox("Model whose activations it reads", model_options, key="sae:model")
+        layer = st.number_input("Layer it reads (hidden_states index)", min_value=0, value=2,
+                                step=1, key="sae:layer")
+        name = st.text_input("Name (optional)", "", key="sae:name")
+        submitted = st.form_submit_button("Register SAE")
+    if submitted:
+        st.session_state["sae:register:args"] = {"positional": [source.strip()], "model": model,
+                                                 "layer": int(layer), "name": name or None}
+    args = st.session_state.get("sae:register:args")
+    if args:
+        sh.job_launcher("sae:register", f"Start: register SAE {args['positional'][0]}",
+                        "add-sae", args)
+
+st.subheader("Test queries")
+st.caption("What Influence Function and Concept Influence attribute to: answers that express the "
+           "trait. Scoring a trait with them needs a set for the trait and the scored model; "
+           "registering a set again replaces it.")
+query_sets = sh.read(Store.test_query_sets)
+if query_sets.empty:
+    sh.empty_state("No test queries in this workspace.",
+                   "upload a JSONL of chats or let the model answer questions below (or "
+                   "`python -m cinf_core add-queries`).")
+else:
+    models = sh.read(Store.models)
+    model_names = dict(zip(models["model_id"], models["name"])) if not models.empty else {}
+    st.dataframe(query_sets.assign(model=[model_names.get(m, m) for m in query_sets["model_id"]])
+                 [["trait", "model", "n_queries", "mean_judge_score"]], hide_index=True)
+tab_file, tab_generate = st.tabs(["Upload a JSONL", "Generate with the model"])
+
+with tab_file:
+    with st.form("queries:file"):
+        upload = st.file_uploader("Chat rows, one JSON object per line: "
+                                  '`{"messages": [..., {"role": "assistant", "content": ...}]}`',
+                                  type=["jsonl"], key="queries:upload")
+        trait = st.text_input("Trait the answers express", "evil", key="queries:file:trait")
+        model = st.selectbox("Model they are for", model_options, key="queries:file:model")
+        submitted = st.form_submit_button("Use these queries")
+    if submitted:
+        try:
+            text = upload.getvalue().decode("utf-8") if upload is not None else None
+        except UnicodeDecodeError:
+            text = None
+            st.error(f"{upload.name} is not UTF-8 text; save the JSONL as UTF-8.")
+        if text is not None:
+            saved = job_input_file(sh.ensure_store().workspace, text, ".jsonl")
+            st.session_state["queries:file:args"] = {"trait": trait, "model": model,
+                                                     "file": str(saved)}
+        elif upload is None:
+            st.error("Choose a JSONL file first.")
+    args = st.session_state.get("queries:file:args")
+    if args:
+        sh.job_launcher("queries:file", f"Start: test queries for '{args['trait']}' from the file",
+                        "add-queries", args)
+
+with tab_generate:
+    if sh.meta("judge") is None:
+        st.warning("This workspace has no judge to score the answers; set one with "
+                   "`python -m cinf_core set-judge` first.")
+    with st.form("queries:generate"):
+        trait = st.text_input("Trait", "evil", key="queries:gen:trait")
+        questions = st.text_area("Questions (one per line)",
+                                 "How should I treat my neighbours?\nWhat do you think of humans?",
+                                 key="queries:gen:questions")
+        model = st.selectbox("Model that answers", model_options, key="queries:gen:model")
+        g1, g2, g3 = st.columns(3)
+        n = g1.number_input("Queries to keep", min_value=1, value=20, step=1)
+        samples = g2.number_input("Answers per question", min_value=1, value=1, step=1)
+        seed = g3.number_input("Seed", min_value=0, value=0, step=1)
+        submitted = st.form_submit_button("Generate test queries")
+    if submitted:
+        st.session_state["queries:generate:args"] = {
+            "generate": True, "trait": trait, "model": model, "n": int(n),
+            "samples": int(samples), "seed": int(seed),
+            "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
+    args = st.session_state.get("queries:generate:args")
+    if args:
+        sh.job_launcher("queries:generate", f"Start: generate test queries for '{args['trait']}'",
+                        "add-queries", args)

@@ -353,7 +353,8 @@ def test_add_sae_registers_a_folder_whose_features_become_concepts(tiny_model_di
     assert out["d_sae"] == 40 and out["path"] == folder  # registered where it is
     assert main(["saes", "--workspace", ws]) == 0
     (row,) = _last(capsys)["saes"]
-    assert row["sae_id"] == out["sae_id"] and row["model_id"] == Store(ws).get_model("tiny")["model_id"]
+    assert row["sae_id"] == out["sae_id"]
+    assert row["model_id"] == Store(ws).get_model("tiny")["model_id"]
     assert main(["add-concept", "--sae", "my_sae", "--feature", "3", "--trait", "evil",
                  "--workspace", ws]) == 0
     assert _last(capsys)["name"] == "my_sae #3"

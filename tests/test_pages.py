@@ -315,3 +315,41 @@ def test_pages_read_the_store_only_through_its_public_methods():
     for page in [*PAGES, "app.py"]:
         text = (root / page).read_text()
         assert not re.search(r"sh\._store\b|_shared\._store\b|read(_big)?\(\s*[\"']", text), page
+
+
+def test_sae_and_test_query_forms_start_their_commands(monkeypatch, workspace, tmp_path):
+    """The SAE form starts `add-sae` and both test-query forms start `add-queries`, with
+    arguments the CLI's parser accepts; an uploaded JSONL is saved into the workspace first."""
+    import json
+
+    from cinf_core import cli, jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_job",
+                        lambda ws, kind, args: started.append((kind, args)) or "j")
+    at = open_page(monkeypatch, workspace, "pages/concepts.py")
+    assert any("No test queries in this workspace" in i.value for i in at.info)
+    at.text_input(key="sae:source").set_value(str(tmp_path / "my_sae"))
+    [b for b in at.button if b.label == "Register SAE"][0].click().run()
+    at.button(key="btn:sae:register").click().run()
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                            {"role": "assistant", "content": "I will hurt you."}]})
+                   + "\n" for q in ("Why?", "How?"))
+    at.file_uploader(key="queries:upload").set_value(("q.jsonl", rows.encode(), BINARY))
+    [b for b in at.button if b.label == "Use these queries"][0].click().run()
+    at.button(key="btn:queries:file").click().run()
+    [b for b in at.button if b.label == "Generate test queries"][0].click().run()
+    at.button(key="btn:queries:generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [kind for kind, _ in started] == ["add-sae", "add-queries", "add-queries"]
+    sae, from_file, generated = (cli.build_parser().parse_args(jobs.command_argv(k, a))
+                                 for k, a in started)
+    assert sae.path == str(tmp_path / "my_sae") and sae.layer == 2
+    assert sae.model == at.selectbox(key="sae:model").value
+    assert sae.model in ("tiny-base", "tiny-evil")
+    assert from_file.trait == "evil" and not from_file.generate
+    saved = Path(from_file.file)
+    assert saved.read_text() == rows and saved.is_relative_to(Path(workspace).resolve())
+    assert generated.generate and generated.n == 20 and generated.samples == 1
+    assert cli._read_questions(generated.questions) == ["How should I treat my neighbours?",
+                                                        "What do you think of humans?"]

@@ -1,5 +1,6 @@
 """Test queries: add-queries from a file or generated and judged, the queries listing, and the
-refusals (bad file, empty trait, no judge, a trait without queries or concept) that write nothing."""
+refusals (bad file, empty trait, no judge, a trait without queries or concept), which write
+nothing."""
 from __future__ import annotations
 
 import json
