@@ -275,6 +275,4 @@ def test_new_commands_explain_every_argument_in_one_line():
     for name in NEW_COMMANDS:
         for action in sub.choices[name]._actions:
             assert action.help and "\n" not in action.help, (name, action.dest)
-        proc = subprocess.run([sys.executable, "-m", "cinf_core", name, "--help"],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0 and cli.HELP[name] in " ".join(proc.stdout.split())
+        assert cli.HELP[name] in " ".join(sub.choices[name].format_help().split())
