@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +178,12 @@ def model_dimensions(spec: ModelSpec) -> tuple[int, int]:
 
 
 def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
-    """Load tokenizer + causal LM (+ optional PEFT adapter, kept or merged) in eval mode."""
+    """Load tokenizer + causal LM (+ optional PEFT adapter, kept or merged) in eval mode.
+
+    Refuses (``ValueError``) a checkpoint that does not fill its architecture exactly and an
+    adapter that does not fit its base: transformers and PEFT only warn about those, and the model
+    would then run on randomly initialised weights (see :func:`check_load_report`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -188,6 +194,7 @@ def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
     _check_source(spec.path, "model")
     if spec.adapter:
         _check_source(spec.adapter, "adapter")
+        check_adapter_base(spec)
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
     tok_source = spec.path
@@ -195,24 +202,162 @@ def load_model(spec: ModelSpec | str, **overrides) -> LoadedModel:
         tok_source = spec.adapter
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=spec.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code
-        )
+        # Weights of the wrong shape come back in the report (and are refused below) instead of
+        # an error that points at a report on stderr.
+        model, report = AutoModelForCausalLM.from_pretrained(
+            spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as err:
         raise OSError(
             f"could not load model {spec.path!r}: {err}. If this is a hub id, this machine needs "
             "network access or a local HF cache; otherwise pass a local directory."
         ) from err
+    check_load_report(model, report, spec.path)
     if spec.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, spec.adapter)
+        model = _load_adapter(model, spec)
         if spec.merge_adapter:
             model = model.merge_and_unload()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=device)
+
+
+# ---------------------------------------------------------------- checkpoint integrity
+
+SHOWN_KEYS = 4
+"""How many offending keys an integrity error lists."""
+_PEFT_KEY = re.compile(r"\.base_layer\.|\.lora_[A-Za-z]+\.|\.modules_to_save\.")
+_PEFT_SAVED_AS_BASE = (
+    "The checkpoint holds PEFT keys (…base_layer… / lora_…): the model was saved while "
+    "peft.get_peft_model wrapped its layers. Save the base before wrapping it "
+    "(model.save_pretrained) and the adapter with peft_model.save_pretrained(adapter_folder), then "
+    "pass the adapter with --adapter; or save peft_model.merge_and_unload() as the model.")
+_WRONG_CHECKPOINT = (
+    "This usually means a model saved while PEFT wrapped its layers, or the wrong folder (weights "
+    "of another model or architecture, or a config.json that does not belong to them).")
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return ", ".join(keys[:SHOWN_KEYS]) + more
+
+
+def check_load_report(model: nn.Module, report: dict, path: str) -> None:
+    """Refuse a checkpoint that leaves parameters of the architecture uninitialised, holds weights
+    the architecture has no place for, or holds weights of other shapes.
+
+    ``report`` is transformers' ``output_loading_info``. transformers only prints a LOAD REPORT
+    for these and fills the gaps with random weights (different on every load). A parameter tied
+    to one that was loaded (tied input/output embeddings) is not uninitialised; transformers 5
+    already leaves those out of ``missing_keys``, and the tie is checked here as well.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    absent = set(report.get("missing_keys") or ())
+    loaded = {p.data_ptr() for name, p in params.items() if name not in absent}
+    missing = {k for k in absent if k in params and params[k].data_ptr() not in loaded}
+    unexpected = set(report.get("unexpected_keys") or ())
+    mismatched = [f"{key} ({tuple(saved)} in the checkpoint, {tuple(wanted)} in the model)"
+                  for key, saved, wanted in report.get("mismatched_keys") or ()]
+    errors = list(report.get("error_msgs") or ())
+    if not (missing or unexpected or mismatched or errors):
+        return
+    arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of {arch} are not in it and would be left "
+                     f"randomly initialised: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) in it have no place in {arch}: "
+                     f"{_listed(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weight(s) have another shape than config.json gives: "
+                     f"{_listed(mismatched)}")
+    parts += errors[:SHOWN_KEYS]
+    cause = (_PEFT_SAVED_AS_BASE if any(_PEFT_KEY.search(k) for k in unexpected)
+             else _WRONG_CHECKPOINT)
+    raise ValueError(f"model {path}: the checkpoint does not fit its architecture; "
+                     + "; ".join(parts) + f". {cause} cinf refuses to use it.")
+
+
+def _weights_digest(folder: Path) -> str:
+    """Names, sizes, and the first and last MiB of every weights file: equal for a copy of a
+    model, different for another model of the same shape, without reading whole checkpoints."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+def check_adapter_base(spec: ModelSpec) -> None:
+    """Refuse an adapter whose ``adapter_config.json`` names another base model than ``spec.path``,
+    where that can be checked: two hub ids that differ, or an absolute local folder that exists and
+    holds other weights than ``spec.path`` (a copy of the same model passes). A relative or absent
+    folder, or a hub id against a local folder, cannot be compared and passes; shapes and modules
+    are still checked when the adapter loads."""
+    config = Path(spec.adapter) / "adapter_config.json"
+    if not config.is_file():
+        return
+    named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not named:
+        return
+    given, recorded = Path(spec.path).expanduser(), Path(named).expanduser()
+    if given.exists():
+        if not (recorded.is_absolute() and recorded.is_dir()) or recorded.samefile(given):
+            return
+        if _weights_digest(recorded) == _weights_digest(given):
+            return
+    elif not (_is_hub_id(named) and named != spec.path):
+        return
+    raise ValueError(
+        f"adapter {spec.adapter} was trained on {named} (base_model_name_or_path in its "
+        f"adapter_config.json), but the model given is {spec.path}, which holds other weights; "
+        f"pass {named} as the model. If {spec.path} is that model under another name, set "
+        "base_model_name_or_path in adapter_config.json to it.")
+
+
+def _load_adapter(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """Wrap ``model`` with the PEFT adapter of ``spec``; refuse an adapter that does not fit: no
+    target module in the model, weights of other shapes, or adapter weights that would be left
+    out or left at their initial values (other layers or modules than the model has)."""
+    import warnings
+
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    fix = (f"Pass the base model the adapter was trained on (base_model_name_or_path in "
+           f"{Path(spec.adapter) / 'adapter_config.json'}).")
+    try:
+        with warnings.catch_warnings():
+            # PEFT's own warning for missing adapter keys; they are refused below, by name.
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, spec.adapter)
+    except (RuntimeError, ValueError) as err:
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:SHOWN_KEYS + 1]
+                           if line.strip()) or str(err)
+        raise ValueError(f"adapter {spec.adapter} does not fit model {spec.path}: "
+                         f"{detail.rstrip('. ')}. "
+                         f"{fix}") from err
+    saved = set(load_peft_weights(spec.adapter, device="cpu"))
+    expected = set(get_peft_model_state_dict(peft_model))
+    parts = []
+    if expected - saved:
+        parts.append(f"{len(expected - saved)} adapter weight(s) the model has modules for are not "
+                     f"in the adapter and would stay at their initial values: "
+                     f"{_listed(expected - saved)}")
+    if saved - expected:
+        parts.append(f"{len(saved - expected)} adapter weight(s) have no module in the model and "
+                     f"would be ignored: {_listed(saved - expected)}")
+    if parts:
+        raise ValueError(f"adapter {spec.adapter} does not fit model {spec.path}: "
+                         + "; ".join(parts) + f". {fix}")
+    return peft_model
 
 
 # ---------------------------------------------------------------- structure
