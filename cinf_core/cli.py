@@ -238,7 +238,9 @@ def _read_questions(path: str) -> list[str]:
     if not file.is_file():
         raise FileNotFoundError(f"--questions file not found: {path}; give a text file with one "
                                 "question per line")
-    questions = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    from .data import read_text
+
+    questions = [line.strip() for line in read_text(file).splitlines() if line.strip()]
     if not questions:
         raise ValueError(f"--questions file {path} holds no questions; write one per line")
     return questions

@@ -11,6 +11,7 @@ the left until the example fits ``max_length``; only when the response alone is 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -139,21 +140,58 @@ def validate_row(row: Any) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+# Byte-order marks of the encodings a text file is most often saved in by mistake (UTF-32 first:
+# its little-endian mark starts with UTF-16's).
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+         (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The contents of a UTF-8 text file a user gave (a dataset, queries, questions): every user
+    text file is read here. A UTF-8 byte-order mark is dropped. Anything else that is not UTF-8
+    is refused with the file's name, what it is instead (UTF-16/UTF-32 from its byte-order mark,
+    binary when it holds NUL bytes) and the command that converts it."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = err.start
+    converted = f"{path.stem}.utf8{path.suffix}"
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            raise ValueError(
+                f"{path} is not UTF-8 text: it is {encoding} (it starts with a {encoding} "
+                f"byte-order mark). Convert it with `iconv -f {encoding} -t UTF-8 {path} > "
+                f"{converted}` and pass {converted}")
+    line = raw.count(b"\n", 0, bad) + 1
+    if b"\x00" in raw[:8192]:
+        raise ValueError(
+            f"{path} is not UTF-8 text: it holds binary data (NUL bytes; byte 0x{raw[bad]:02x} at "
+            f"line {line} cannot be read). Pass the text file itself, or export it as UTF-8 text")
+    raise ValueError(
+        f"{path} is not UTF-8 text: byte 0x{raw[bad]:02x} on line {line} cannot be read as UTF-8. "
+        f"Convert it from the encoding it was saved in, e.g. `iconv -f LATIN1 -t UTF-8 {path} > "
+        f"{converted}`, and pass {converted}")
+
+
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as err:
-                yield lineno, None, f"malformed JSON ({err.msg} at column {err.colno})"
+    # Lines end at \n, \r\n or \r as when reading the file directly; str.splitlines would also cut
+    # at U+2028 and other separators that JSON strings may hold.
+    for lineno, text in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        if not text.strip():
+            continue
+        try:
+            yield lineno, json.loads(text), None
+        except json.JSONDecodeError as err:
+            yield lineno, None, f"malformed JSON ({err.msg} at column {err.colno})"
 
 
 def _rows_from_table(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     import pandas as pd
 
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    frame = (pd.read_parquet(path) if path.suffix == ".parquet"
+             else pd.read_csv(io.StringIO(read_text(path))))
     missing = {"prompt", "response"} - set(frame.columns)
     if missing:
         raise DatasetError(
