@@ -118,3 +118,43 @@ def test_answer_start_concept_influence_is_its_own_run_and_ranking(quick_world, 
     assert len(ids) == 1
     with pytest.raises(ValueError, match="concept_window applies to concept_influence only"):
         ScoreConfig(method="vector_filter", trait="evil", concept_window=2)
+
+
+def test_a_users_workspace_names_what_retraining_still_needs(tmp_path, tiny_model_dir):
+    """Without the demo world, each missing piece is named with the command that adds it, and the
+    LoRA recipe comes from the fine-tuned adapter's own settings."""
+    from cinf_core.data import ChatDataset, ChatExample
+    from cinf_core.experiments.retrain import adapter_recipe
+    from cinf_core.models import ModelSpec
+    from conftest import chat
+
+    adapter = tmp_path / "my_lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"]}))
+    store = Store(tmp_path / "ws")
+    def rows(kind: str) -> list:  # distinct content: a dataset's id is its content's hash
+        return [ChatExample(chat(f"{kind} question {i}?", f"answer {i}.")) for i in range(4)]
+
+    store.add_dataset("finetune", ChatDataset(rows("train")), role="train")
+    store.add_model("finetuned", ModelSpec(path=str(tiny_model_dir), adapter=str(adapter)),
+                    role="finetuned")
+    recipe = adapter_recipe(store.get_model("finetuned"))
+    assert (recipe.r, recipe.alpha, recipe.target_modules) == (8, 16, ("q_proj", "v_proj"))
+    steps = [
+        ("set-judge", lambda: store.set_meta("judge", {"kind": "classifier", "path": "x"})),
+        ("--role heldout", lambda: store.add_dataset("heldout", ChatDataset(rows("heldout")),
+                                                               role="heldout")),
+        ("--role capability", lambda: store.add_dataset("capability",
+                                                        ChatDataset(rows("capability")),
+                                                        role="capability")),
+        ("--role base", lambda: store.add_model("base", ModelSpec(path=str(tiny_model_dir)),
+                                                role="base")),
+    ]
+    for needed, add in steps:
+        with pytest.raises(ValueError, match=needed):
+            environment(store)
+        add()
+    env = environment(store)
+    assert env.lora == recipe.to_dict()
+    assert env.heldout_questions == [f"heldout question {i}?" for i in range(4)]

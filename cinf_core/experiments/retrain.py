@@ -15,6 +15,7 @@ on small models separate processes use the cores far better than threads inside 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -87,24 +88,32 @@ class RetrainEnv:
 
 
 def environment(store: Store) -> RetrainEnv:
-    """The recipe from the workspace: the demo world's, or one set under meta key ``retrain``."""
+    """The recipe from the workspace: one set under meta key ``retrain``, the demo world's, or
+    (a user's workspace) the fine-tuned adapter's own LoRA settings (:func:`adapter_recipe`).
+
+    Retraining also needs the base model (role ``base``), held-out questions (a dataset with role
+    ``heldout``), capability data (role ``capability``) and a judge; a missing one is named with
+    the command that adds it.
+    """
     recipe = store.get_meta("retrain")
     if recipe is None:
         world = store.get_meta("demo_world")
-        if world is None:
-            raise ValueError("this workspace has no retraining recipe: build the demo world, or set "
-                             "meta 'retrain' with lora recipe and eval settings")
-        cfg = world["config"]
-        recipe = {"lora": cfg["lora"], "eval_samples": cfg["eval_samples"],
-                  "eval_temperature": cfg["eval_temperature"], "max_new_tokens": cfg["max_new_tokens"]}
+        if world is not None:
+            cfg = world["config"]
+            recipe = {"lora": cfg["lora"], "eval_samples": cfg["eval_samples"],
+                      "eval_temperature": cfg["eval_temperature"],
+                      "max_new_tokens": cfg["max_new_tokens"]}
+        else:
+            recipe = {"lora": adapter_recipe(_registered(store, "finetuned", "model")).to_dict()}
     judge = store.get_meta("judge")
     if judge is None:
-        raise ValueError("this workspace has no judge (meta 'judge'); build the demo world or "
-                         "register a judge spec")
-    heldout = store.load_dataset("heldout")
-    capability = store.load_dataset("capability")
+        raise ValueError("retraining scores the trait with the workspace judge, and this workspace "
+                         "has none; set one with `python -m cinf_core set-judge --classifier DIR` "
+                         "or `set-judge --base-url URL --model NAME`")
+    heldout = _registered(store, "heldout", "dataset")
+    capability = _registered(store, "capability", "dataset")
     return RetrainEnv(
-        base_spec=store.get_model("base")["spec"],
+        base_spec=_registered(store, "base", "model")["spec"],
         train_dataset_id=store.dataset("train")["dataset_id"],
         heldout_questions=[ex.prompt_text for ex in heldout],
         capability_examples=list(capability.examples),
@@ -112,6 +121,61 @@ def environment(store: Store) -> RetrainEnv:
         eval_samples=int(recipe.get("eval_samples", 2)),
         eval_temperature=float(recipe.get("eval_temperature", 1.0)),
         max_new_tokens=int(recipe.get("max_new_tokens", 64)))
+
+
+_HOW_TO_ADD = {
+    ("base", "model"): "register the model before fine-tuning: `python -m cinf_core add-model "
+                       "BASE_FOLDER --name base --role base`",
+    ("finetuned", "model"): "register the fine-tuned model: `python -m cinf_core add-model "
+                            "BASE_FOLDER --adapter ADAPTER_FOLDER --role finetuned`",
+    ("heldout", "dataset"): "add held-out questions whose answers the judge scores: `python -m "
+                            "cinf_core add-dataset QUESTIONS.jsonl --role heldout`",
+    ("capability", "dataset"): "add normal chats to measure capability on (next-token accuracy): "
+                               "`python -m cinf_core add-dataset CHATS.jsonl --role capability`",
+}
+
+
+def _registered(store: Store, role: str, what: str):
+    """The model row or the dataset with ``role``; a clear error naming the command otherwise."""
+    try:
+        return store.get_model(role) if what == "model" else store.load_dataset(role)
+    except KeyError:
+        raise ValueError(f"retraining needs a {what} with role {role!r}, and this workspace has "
+                         f"none; {_HOW_TO_ADD[(role, what)]}") from None
+
+
+def adapter_recipe(model_row: dict) -> LoraRecipe:
+    """The LoRA recipe to retrain with when the workspace sets none: rank, alpha and target
+    modules from the fine-tuned adapter's ``adapter_config.json``, the rest :class:`LoraRecipe`'s
+    defaults (an experiment records the recipe it used)."""
+    adapter = model_row["spec"].adapter
+    if not adapter:
+        raise ValueError(f"model {model_row['name']!r} has no adapter to copy a LoRA recipe from; "
+                         "register the fine-tuned model with --adapter ADAPTER_FOLDER")
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the LoRA settings in {path} ({err}); retraining copies "
+                         "rank, alpha and target modules from it") from None
+    fields = {"r": config.get("r"), "alpha": config.get("lora_alpha")}
+    modules = config.get("target_modules")
+    if isinstance(modules, list) and modules:  # a regex string keeps the default module list
+        fields["target_modules"] = tuple(sorted(modules))
+    return LoraRecipe.from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+def retrain_unavailable(store: Store) -> str | None:
+    """None when the workspace can retrain (it has a recipe and a judge), else why not."""
+    try:
+        environment(store)
+    except ValueError as err:
+        return str(err)
+    except KeyError as err:  # a recipe, dataset or model the workspace lacks
+        return (f"this workspace lacks {err.args[0] if err.args else err} for retraining "
+                "(a demo world has everything; else set meta 'retrain' and register the "
+                "heldout and capability datasets and the base model)")
+    return None
 
 
 def trait_score(lm: LoadedModel, judge, trait: str, questions: Sequence[str], samples: int,
