@@ -137,9 +137,11 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-@command("add-model", "register a model (local folder or hub id) with an optional PEFT adapter")
+@command("add-model", "register a model (local folder, hub id or llama.cpp GGUF file) with an "
+                      "optional PEFT adapter")
 def _add_model(p: argparse.ArgumentParser):
-    p.add_argument("path", help="local model folder or hub id")
+    p.add_argument("path", help="local model folder, hub id, or a .gguf file (converted once into "
+                                "a Hugging Face folder in the workspace)")
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights on load")
     p.add_argument("--name")
@@ -149,19 +151,27 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("--check", action="store_true", help="load the model once to check it works")
 
     def run(args):
+        from .gguf import convert_gguf, is_gguf_source
         from .models import ModelSpec, check_model_files, load_model
         from .store import Store
 
-        spec = ModelSpec(path=_absolute(args.path), adapter=_absolute(args.adapter),
+        path, info = _absolute(args.path), {}
+        if is_gguf_source(args.path):
+            progress = ProgressBar(not args.no_progress)
+            try:
+                conversion = convert_gguf(args.path, args.workspace, progress=progress)
+            finally:
+                progress.close()
+            path, info = conversion.folder, {"gguf": conversion.to_dict()}
+        spec = ModelSpec(path=path, adapter=_absolute(args.adapter),
                          merge_adapter=args.merge, dtype=args.dtype,
                          trust_remote_code=args.trust_remote_code, name=args.name)
         check_model_files(spec)
-        info = {}
         if args.check:
             lm = load_model(spec)
-            info = {"num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
-                    "device": str(lm.device)}
-        name = args.name or Path(args.adapter or args.path).name
+            info.update(num_layers=lm.num_layers, hidden_size=lm.hidden_size,
+                        device=str(lm.device))
+        name = args.name or Path(args.adapter or args.path).name.removesuffix(".gguf")
         model_id = Store(args.workspace).add_model(name, spec, role=args.role)
         return {"model_id": model_id, "name": name, **info}
     return run
@@ -846,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         emit({"error": "interrupted", "command": args.command})
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError,
+            ImportError) as err:  # ImportError: an optional package, named with its install
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {message}", file=sys.stderr)
         emit({"error": str(message), "command": args.command})
