@@ -858,6 +858,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, TypeError,
             ImportError) as err:  # ImportError: an optional package, named with its install
+        if isinstance(err, OSError):  # a full or read-only disk said in words, where it was
+            from .store import disk_error
+
+            err = disk_error(err, err.filename or args.workspace) or err
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {message}", file=sys.stderr)
         emit({"error": str(message), "command": args.command})

@@ -14,6 +14,7 @@ score. Heavy tensors (concept vectors, SAE matrices) live in safetensors files u
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,7 +57,9 @@ SCHEMA = [
         run_id TEXT PRIMARY KEY, method TEXT, dataset_id TEXT, model_id TEXT, concept_id TEXT,
         config TEXT, status TEXT, n_total INTEGER, n_done INTEGER, started_at TIMESTAMP,
         finished_at TIMESTAMP, wall_s DOUBLE, examples_per_s DOUBLE, host TEXT, timings TEXT,
-        error TEXT)""",
+        error TEXT, owner TEXT)""",
+    # A store made before runs had an owner (the process scoring it) gets the column.
+    """ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner TEXT""",
     """CREATE TABLE IF NOT EXISTS scores (
         run_id TEXT, idx INTEGER, score DOUBLE, PRIMARY KEY (run_id, idx))""",
     """CREATE TABLE IF NOT EXISTS test_queries (
@@ -106,6 +109,11 @@ def run_key(method: str, dataset_id: str, model_id: str | None, config: dict,
                         "concept_id": concept_id, "config": config})
 
 
+def process_owner() -> str:
+    """This process as an owner tag ``host:pid`` (of a scoring run or a retrain cell)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _owner_alive(owner: str | None) -> bool:
     """Whether an owner tag ``host:pid`` names a live process (other hosts count as alive)."""
     if not owner or ":" not in owner:
@@ -127,14 +135,54 @@ def _is_lock_error(err: Exception) -> bool:
     return "lock" in text or "conflicting" in text or "different configuration" in text
 
 
+# What the operating system says when a workspace cannot be written, as DuckDB and Python quote it.
+_DISK_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+
+
+class WorkspaceWriteError(OSError):
+    """The workspace's disk refused a write (full, over quota, read-only or not writable); the
+    message says which, that nothing of the step was half-stored, and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_error(err: BaseException, where: str | os.PathLike) -> WorkspaceWriteError | None:
+    """``err`` as a :class:`WorkspaceWriteError` about writing ``where`` when the disk refused
+    a write: an ``OSError`` of a full or read-only disk, or a DuckDB error quoting one of
+    :data:`_DISK_ERRNOS` (DuckDB raises its own classes); else None. (A plain ``OSError`` with
+    EACCES is left alone: reading a user's file can raise it too.)"""
+    if isinstance(err, WorkspaceWriteError):
+        return err
+    if isinstance(err, OSError):
+        code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    else:
+        code = next((c for c, text in _DISK_ERRNOS.items() if text in str(err)), None)
+    if code is None:
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        advice = ("the disk is full. Nothing of this step was half-stored: the store keeps "
+                  "everything finished before it (a scoring run resumes from its last stored "
+                  "scores). Free space on that disk, or pass another --workspace, and run the "
+                  "command again")
+    else:
+        advice = ("the workspace is read-only here. Nothing was changed. Copy the workspace to a "
+                  "writable folder (or make it writable) and run the command there; to show its "
+                  "results, serve it with `python -m cinf_core app --read-only --workspace DIR`")
+    return WorkspaceWriteError(code, f"cannot write {where} ({_DISK_ERRNOS[code]}): {advice}")
+
+
 @dataclass
 class RunHandle:
-    """A scoring run in the store. ``cached`` is True when it was already complete."""
+    """A scoring run in the store. ``cached`` is True when it was already complete; ``held_by``
+    names the live process (``host:pid``) scoring it when this process could not claim it."""
 
     store: "Store"
     run_id: str
     n_total: int
     cached: bool = False
+    held_by: str | None = None
 
     def done_indices(self) -> set[int]:
         return self.store._done_indices(self.run_id)
@@ -146,31 +194,39 @@ class RunHandle:
         self.store._complete_run(self.run_id, wall_s, timings or {})
 
     def fail(self, error: str) -> None:
-        self.store._fail_run(self.run_id, error)
+        self.store._fail_run(self.run_id, error, process_owner())
 
 
 class Store:
     """The DuckDB store of one workspace (``<workspace>/cinf.duckdb``)."""
 
     def __init__(self, workspace: str | os.PathLike | None = None, read_only: bool = False):
-        """``read_only``: never write (ranks of a distributed run); the store must exist."""
+        """``read_only``: never write (ranks of a distributed run, a read-only app); the store
+        must exist. A store on a disk that refuses writes (read-only) opens for reading; its
+        first write then fails with a :class:`WorkspaceWriteError` that says so."""
         self.workspace = paths.workspace_path(workspace)
         self.path = self.workspace / paths.STORE_FILE
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no store at {self.path}; create the workspace first")
             return
-        with self._connect() as con:
-            for stmt in SCHEMA:
-                con.execute(stmt)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                        [json.dumps(SCHEMA_VERSION)])
+        try:
+            with self._connect() as con:
+                for stmt in SCHEMA:
+                    con.execute(stmt)
+                con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                            [json.dumps(SCHEMA_VERSION)])
+        except WorkspaceWriteError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) or not self.path.exists():
+                raise
 
     # ------------------------------------------------------------ connections
 
     @contextmanager
     def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; retries while another process holds the file."""
+        """A short-lived connection; retries while another process holds the file. A write the
+        disk refuses (full, read-only) raises :class:`WorkspaceWriteError`; DuckDB has then
+        rolled the transaction back, so the store keeps its state from before it."""
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         delay = 0.01
         while True:
@@ -178,6 +234,9 @@ class Store:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except (duckdb.IOException, duckdb.ConnectionException) as err:
+                refused = None if read_only else disk_error(err, self.path)
+                if refused is not None:
+                    raise refused from err
                 if not _is_lock_error(err) or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"could not open the store {self.path}: {err}. Another process may hold "
@@ -187,8 +246,18 @@ class Store:
                 delay = min(delay * 2, 0.5)
         try:
             yield con
+        except duckdb.Error as err:
+            refused = disk_error(err, self.path)
+            if refused is None:
+                raise
+            raise refused from err
         finally:
-            con.close()
+            try:
+                con.close()
+            except duckdb.Error:
+                # A checkpoint on close that the disk refused: what was committed stays in the
+                # write-ahead log, which the next connection replays.
+                pass
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -415,23 +484,39 @@ class Store:
     # ------------------------------------------------------------ runs and scores
 
     def begin_run(self, method: str, dataset_id: str, model_id: str | None, config: dict,
-                  n_total: int, concept_id: str | None = None) -> RunHandle:
-        """Start, resume or return the cached run keyed by its full configuration."""
+                  n_total: int, concept_id: str | None = None,
+                  stale_after_s: float = 3600.0) -> RunHandle:
+        """Start, resume or return the cached run keyed by its full configuration.
+
+        Starting or resuming claims the run for this process (``owner``), so one process writes a
+        run at a time. While another live process holds it nothing changes and the handle's
+        ``held_by`` names that process: ask again later (the run is then complete, or its owner
+        died and this process resumes it). A claim by a process on another host, whose liveness
+        cannot be checked here, is taken over once it is ``stale_after_s`` old.
+        """
         run_id = run_key(method, dataset_id, model_id, config, concept_id)
+        owner = process_owner()
         with self._transaction() as con:
-            rows = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()
-            if rows and rows[0][0] == "complete":
-                return RunHandle(self, run_id, n_total, cached=True)
-            if rows:
+            row = con.execute("SELECT status, owner, started_at FROM runs WHERE run_id = ?",
+                              [run_id]).fetchone()
+            if row is not None:
+                status, holder, started_at = row
+                if status == "complete":
+                    return RunHandle(self, run_id, n_total, cached=True)
+                if status == "running" and holder not in (None, owner) and \
+                        _owner_alive(holder) and \
+                        (_now() - started_at).total_seconds() < stale_after_s:
+                    return RunHandle(self, run_id, n_total, held_by=holder)
                 con.execute("UPDATE runs SET status = 'running', error = NULL, host = ?, "
-                            "started_at = ? WHERE run_id = ?", [socket.gethostname(), _now(), run_id])
+                            "started_at = ?, owner = ? WHERE run_id = ?",
+                            [socket.gethostname(), _now(), owner, run_id])
             else:
                 con.execute(
                     "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, ?, NULL, NULL,"
-                    " NULL, ?, NULL, NULL)",
+                    " NULL, ?, NULL, NULL, ?)",
                     [run_id, method, dataset_id, model_id, concept_id,
                      json.dumps(config, sort_keys=True, default=str), n_total, _now(),
-                     socket.gethostname()])
+                     socket.gethostname(), owner])
         return RunHandle(self, run_id, n_total)
 
     def run_status(self, run_id: str) -> str | None:
@@ -458,7 +543,8 @@ class Store:
                 return run_id
             con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
+                " NULL)",
                 [run_id, method, dataset_id, model_id, concept_id,
                  json.dumps(config, sort_keys=True, default=str), n_total, n_total, _now(), _now(),
                  wall_s, n_total / wall_s if wall_s > 0 else None, socket.gethostname(),
@@ -487,10 +573,14 @@ class Store:
                         "WHERE run_id = ?", [run_id, run_id])
 
     def _complete_run(self, run_id: str, wall_s: float, timings: dict) -> None:
+        """Mark a run complete once every example has a score (a run already complete is left
+        as it was marked)."""
         with self._transaction() as con:
-            n_total, n_done = con.execute(
-                "SELECT n_total, (SELECT count(*) FROM scores WHERE run_id = ?) FROM runs "
+            status, n_total, n_done = con.execute(
+                "SELECT status, n_total, (SELECT count(*) FROM scores WHERE run_id = ?) FROM runs "
                 "WHERE run_id = ?", [run_id, run_id]).fetchone()
+            if status == "complete":
+                return
             if n_done != n_total:
                 raise RuntimeError(f"run {run_id} has {n_done} of {n_total} scores; "
                                    "it cannot be marked complete")
@@ -500,10 +590,11 @@ class Store:
                 [n_done, _now(), wall_s, n_total / wall_s if wall_s > 0 else None,
                  json.dumps(timings), run_id])
 
-    def _fail_run(self, run_id: str, error: str) -> None:
+    def _fail_run(self, run_id: str, error: str, owner: str) -> None:
+        """Mark the run failed, unless another process has taken it over or finished it."""
         with self._connect() as con:
-            con.execute("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
-                        [error, run_id])
+            con.execute("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ? AND "
+                        "status = 'running' AND owner = ?", [error, run_id, owner])
 
     def _drop_run(self, run_id: str) -> None:
         """Delete a run and its scores (used on scratch copies)."""

@@ -3,7 +3,8 @@
 One entry point, :func:`score`, for every registered method (:mod:`.registry`). A run is keyed
 by everything that determines its scores (method, dataset, model, concept, test queries,
 settings); asking again returns the cached run, and a run that was killed resumes with only its
-missing examples.
+missing examples. One process scores a run at a time: a second request for a run another live
+process is scoring waits for it and returns its result.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .request import ScoreConfig, plan
 __all__ = ["ScoreConfig", "plan", "score"]  # the request types live in .request
 
 FLUSH_S = 5.0
+WAIT_POLL_S = 1.0
 
 
 def score(workspace, cfg: ScoreConfig, progress: ProgressFn = None) -> dict:
@@ -34,10 +36,11 @@ def score(workspace, cfg: ScoreConfig, progress: ProgressFn = None) -> dict:
         return score_distributed(workspace, cfg, progress)
     store = Store(workspace)
     p = plan(store, cfg)
-    handle = store.begin_run(cfg.method, p.dataset["dataset_id"], p.model_row["model_id"],
-                             p.run_config, n_total=p.n_total, concept_id=p.concept_id)
+    handle, waited_for = _claim(store, p, progress)
     summary = {"run_id": handle.run_id, "method": p.method.key, "trait": cfg.trait,
                "n_examples": p.n_total}
+    if waited_for:
+        summary["waited_for"] = waited_for
     if handle.cached:
         info = store.run(handle.run_id)
         return {**summary, "cached": True, "wall_s": info["wall_s"],
@@ -59,6 +62,23 @@ def score(workspace, cfg: ScoreConfig, progress: ProgressFn = None) -> dict:
         summary["truncation"] = ctx.encoding
     return {**summary, "cached": False, "wall_s": wall, "examples_per_s": info["examples_per_s"],
             "timings": timings}
+
+
+def _claim(store: Store, p, progress: ProgressFn):
+    """``(handle, waited_for)``: the run, claimed for this process. While another live process
+    scores it, wait (the run then comes back complete, or to resume when that process died);
+    ``waited_for`` names the last process waited for, None when there was none."""
+    waited_for = None
+    while True:
+        handle = store.begin_run(p.cfg.method, p.dataset["dataset_id"], p.model_row["model_id"],
+                                 p.run_config, n_total=p.n_total, concept_id=p.concept_id)
+        if handle.held_by is None:
+            return handle, waited_for
+        waited_for = handle.held_by
+        if progress:
+            n_done = int(store.run(handle.run_id)["n_done"] or 0)
+            progress(f"waiting for {handle.held_by}, which scores this run", n_done / p.n_total)
+        time.sleep(WAIT_POLL_S)
 
 
 def _stream_scores(ctx: ScoringContext, handle) -> None:
