@@ -87,18 +87,15 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
-            from .experiments.evaluate import latest_runs, result_methods
+            from .experiments.evaluate import results_missing
+            from .jobs import active_jobs, start_job
             from .store import Store
 
-            store = Store(args.workspace)
-            missing = [t for t in store.traits()
-                       if not set(result_methods()) <= set(latest_runs(store, t))]
-            if missing:
-                from .jobs import start_job
-
+            missing = results_missing(args.workspace)
+            if missing and not active_jobs(Store(args.workspace), ("results",)):
                 start_job(args.workspace, "results", {})
-                print("scoring every method in the background (see Overview > Jobs)",
-                      file=sys.stderr)
+                print(f"computing in the background ({', '.join(missing)}); the pages fill in as "
+                      "each part is stored (see Overview > Background jobs)", file=sys.stderr)
         env = dict(os.environ, CINF_WORKSPACE=str(Path(args.workspace).resolve()))
         cmd = streamlit_command(args.address, args.port)
         print(f"open http://{args.address}:{args.port}", file=sys.stderr)
@@ -658,15 +655,28 @@ def _say_auc_pr(result: dict) -> None:
             print(f"  {method:24s} {value:.3f}", file=sys.stderr)
 
 
-@command("results", "score every method for every trait, then the SAE feature views and the "
-                    "evaluation: everything the app's pages show")
+@command("results", "score every method for every trait, then the SAE feature views, the "
+                    "evaluation and a small filter-and-retrain grid: everything the app's pages "
+                    "show")
 def _results(p: argparse.ArgumentParser):
+    p.add_argument("--no-retrain", action="store_true",
+                   help="skip the filter-and-retrain grid (Remove Most 0.25 and 0.5 by CI, VF, "
+                        "IF and Random, 2 seeds per trait)")
+    p.add_argument("--workers", type=int,
+                   help="processes on the retrain grid, one thread each (default: the free cores)")
+
     def run(args):
+        import torch
+
         from .experiments.evaluate import compute_results
+        from .experiments.retrain import results_grid
 
         progress = ProgressBar(not args.no_progress)
+        workers = args.workers if args.workers is not None else torch.get_num_threads()
         try:
-            result = compute_results(args.workspace, progress=progress)
+            result = compute_results(args.workspace, progress=progress,
+                                     retrain_grid=None if args.no_retrain else results_grid,
+                                     workers=workers)
         finally:
             progress.close()
         _say_auc_pr(result)

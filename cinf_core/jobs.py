@@ -57,7 +57,7 @@ JOB_KINDS: dict[str, JobKind] = {k.command: k for k in [
     JobKind("retrain", "Filter and retrain experiment"),
     JobKind("features", "SAE feature data and attribution"),
     JobKind("evaluate", "Evaluate methods against labels"),
-    JobKind("results", "Score every method and compute the SAE feature views"),
+    JobKind("results", "Compute the results (every method, SAE features, filter and retrain)"),
     JobKind("add-dataset", "Register a dataset"),
     JobKind("add-model", "Register a model"),
     JobKind("add-concept", "Make a concept"),
@@ -189,6 +189,21 @@ def job_state(store, job_id: str, stale_after_s: float = 10.0) -> dict:
                                    f" see {job_log_path(store.workspace, job_id)}")
             job = store.job(job_id)
     return job
+
+
+def active_jobs(store, kinds: tuple[str, ...] | None = None,
+                stale_after_s: float = 10.0) -> list[dict]:
+    """The jobs still queued or running, newest first (only ``kinds`` when given), wherever
+    they were started (a page, the app command, another session); a job whose runner is gone is
+    marked failed on the way (see :func:`job_state`) and left out."""
+    frame = store.jobs()
+    if frame.empty:
+        return []
+    frame = frame[frame["status"].isin(ACTIVE)]
+    if kinds is not None:
+        frame = frame[frame["kind"].isin(kinds)]
+    found = [job_state(store, job_id, stale_after_s) for job_id in frame["job_id"]]
+    return [job for job in found if job["status"] in ACTIVE]
 
 
 def _timestamp(value) -> float:

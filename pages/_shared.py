@@ -170,17 +170,29 @@ def _job_key(slot: str) -> str:
 
 def job_launcher(slot: str, label: str, kind: str, args: dict, *, help: str | None = None,
                  disabled: bool = False, button_type: str = "primary") -> None:
-    """A button that starts a background job, then that job's live panel (per ``slot``)."""
+    """A button that starts a background job, then that job's live panel (per ``slot``); the
+    button is disabled while the job it started runs."""
     reason = jobs.unavailable_reason(kind)
     if reason is not None:
         st.button(label, key=f"btn:{slot}", disabled=True, help=reason, type=button_type)
         st.warning(f"Not available yet: {reason}.", icon=":material/construction:")
-    elif st.button(label, key=f"btn:{slot}", disabled=disabled, help=help, type=button_type):
+    elif st.button(label, key=f"btn:{slot}", disabled=disabled or _slot_running(slot), help=help,
+                   type=button_type):
         try:
             st.session_state[_job_key(slot)] = jobs.start_job(workspace(), kind, args)
         except (jobs.JobUnavailable, OSError, RuntimeError, ValueError) as err:
             st.error(f"Could not start the job: {err}")
     job_panel(slot)
+
+
+def _slot_running(slot: str) -> bool:
+    job_id = st.session_state.get(_job_key(slot))
+    if not job_id or store() is None:
+        return False
+    try:
+        return jobs.job_state(store(), job_id)["status"] in jobs.ACTIVE
+    except KeyError:
+        return False
 
 
 def job_panel(slot: str) -> dict | None:
@@ -194,26 +206,78 @@ def job_panel(slot: str) -> dict | None:
         st.session_state.pop(_job_key(slot), None)
         return None
     if job["status"] in jobs.ACTIVE:
-        _live_job(job_id)
+        _live_job(job_id, slot)
     else:
         show_finished_job(job)
     return job
 
 
 @st.fragment(run_every=JOB_POLL_S)
-def _live_job(job_id: str) -> None:
+def _live_job(job_id: str, place: str, watch=None, seen=None) -> None:
     job = jobs.job_state(store(), job_id)
     title = jobs.JOB_KINDS[job["kind"]].title if job["kind"] in jobs.JOB_KINDS else job["kind"]
-    if job["status"] in jobs.ACTIVE:
-        progress = float(job["progress"] or 0.0)
-        st.progress(min(max(progress, 0.0), 1.0),
-                    text=f"{title}: {job['message'] or job['status']} ({progress:.0%})")
-        if st.button("Cancel", key=f"cancel:{job_id}"):
-            jobs.cancel_job(workspace(), job_id)
-            st.rerun()
-    else:
-        # The job just ended: rerun the whole page so its data and the result show.
+    if job["status"] not in jobs.ACTIVE or (watch is not None and watch() != seen):
+        # The job ended, or stored what the page shows: rerun the whole page so it shows.
         st.rerun()
+    progress = float(job["progress"] or 0.0)
+    st.progress(min(max(progress, 0.0), 1.0),
+                text=f"{title}: {job['message'] or job['status']} ({progress:.0%})")
+    if st.button("Cancel", key=f"cancel:{place}:{job_id}"):
+        jobs.cancel_job(workspace(), job_id)
+        st.rerun()
+
+
+# Jobs that write what a page shows: scoring runs, SAE feature attributions, retrain cells.
+SCORING_JOBS = ("demo", "results", "score", "evaluate")
+FEATURE_JOBS = ("demo", "results", "score", "features")
+RETRAIN_JOBS = ("demo", "results", "retrain")
+
+
+def running_job(kinds: tuple[str, ...], besides: str | None = None) -> dict | None:
+    """The newest queued or running job of ``kinds``, wherever it was started (a page, the app
+    command, a terminal), or None; ``besides`` names a launcher slot on the page whose job its
+    own panel shows (left out here)."""
+    if store() is None:
+        return None
+    own = st.session_state.get(_job_key(besides)) if besides else None
+    found = [j for j in jobs.active_jobs(store(), kinds) if j["job_id"] != own]
+    return found[0] if found else None
+
+
+def _follow(job: dict, watch) -> None:
+    _live_job(job["job_id"], "page", watch, None if watch is None else watch())
+
+
+def job_progress(kinds: tuple[str, ...], watch=None, besides: str | None = None) -> dict | None:
+    """While a job of ``kinds`` runs: what it computes and how far (its stage and per cent),
+    refreshed on its own. ``watch`` (a cheap function of the store) is checked at each refresh;
+    the whole page reruns when its value changes (the job stored more of what the page shows)
+    and when the job ends. Returns the job, or None when none runs."""
+    job = running_job(kinds, besides)
+    if job is not None:
+        _follow(job, watch)
+    return job
+
+
+def waiting_state(message: str, next_step: str, kinds: tuple[str, ...], watch=None,
+                  besides: str | None = None) -> dict | None:
+    """A page's empty state: while a job of ``kinds`` computes the missing data, says so with
+    the job's live progress (the page fills in by itself) and returns the job; otherwise
+    ``message`` and what to do next (:func:`empty_state`), and None."""
+    job = running_job(kinds, besides)
+    if job is None:
+        empty_state(message, next_step)
+        return None
+    st.info(f"{message} A background job is computing it now; this page fills in by itself "
+            "as soon as the first results are stored.", icon=":material/hourglass_top:")
+    _follow(job, watch)
+    return job
+
+
+def n_complete_runs() -> int:
+    """Complete scoring runs in the workspace (a :func:`job_progress` watch)."""
+    runs = runs_view()
+    return 0 if runs.empty else int((runs["status"] == "complete").sum())
 
 
 def show_finished_job(job: dict) -> None:

@@ -53,17 +53,26 @@ def launch_form() -> None:
                         "retrain", args)
 
 
+def cells_done() -> int:
+    """Finished cells of every experiment (what the page waits for while a job runs)."""
+    found = sh.read(Store.retrain_cells)
+    return 0 if found.empty else int((found["status"] == "complete").sum())
+
+
 if sh.store() is None:
     sh.no_store_state()
     st.stop()
 cells = sh.read(Store.retrain_cells)
-if cells.empty:
-    sh.empty_state("No filter-and-retrain results yet.",
-                   "launch an experiment below (it retrains one LoRA per cell in the background) "
-                   "or run `python -m cinf_core retrain --trait evil`.")
-    st.subheader("Launch an experiment")
-    launch_form()
+if cells_done() == 0:
+    waiting = sh.waiting_state(
+        "No filter-and-retrain results yet.",
+        "launch an experiment below (it retrains one LoRA per cell in the background) or run "
+        "`python -m cinf_core retrain --trait evil`.", sh.RETRAIN_JOBS, cells_done)
+    if waiting is None:
+        st.subheader("Launch an experiment")
+        launch_form()
     st.stop()
+sh.job_progress(sh.RETRAIN_JOBS, cells_done, besides="fr:retrain")  # more cells arrive meanwhile
 
 experiments = cells.groupby(["experiment_id", "trait"]).size().reset_index(name="n")
 options = list(experiments.itertuples(index=False))

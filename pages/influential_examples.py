@@ -24,11 +24,13 @@ if sh.store() is None:
     sh.no_store_state()
     st.stop()
 if runs.empty or not (runs["status"] == "complete").any():
-    sh.empty_state("No complete scoring runs in this workspace yet.",
-                   "score a dataset on **Runs & cost**, or run "
-                   "`python -m cinf_core score --method vector_filter ...`; the demo world "
-                   "(Overview) comes with runs for every method.")
+    sh.waiting_state("No complete scoring runs in this workspace yet.",
+                     "score a dataset on **Runs & cost**, or run "
+                     "`python -m cinf_core score --method vector_filter ...` (seconds); "
+                     "`python -m cinf_core results` scores every method.",
+                     sh.SCORING_JOBS, sh.n_complete_runs)
     st.stop()
+sh.job_progress(sh.SCORING_JOBS, sh.n_complete_runs)  # more methods arrive while it runs
 
 c1, c2, c3 = st.columns(3)
 trait, dataset_id, scope = sh.pick_scope(runs, "ie", container=c1)

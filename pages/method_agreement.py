@@ -40,8 +40,9 @@ if sh.store() is None:
     st.stop()
 runs = sh.runs_view()
 if runs.empty or not (runs["status"] == "complete").any():
-    sh.empty_state("No complete scoring runs yet.",
-                   "score the training set with two or more methods on **Runs & cost**.")
+    sh.waiting_state("No complete scoring runs yet.",
+                     "score the training set with two or more methods on **Runs & cost**.",
+                     sh.SCORING_JOBS, sh.n_complete_runs)
     st.stop()
 
 c1, c2 = st.columns([2, 1])
@@ -50,9 +51,11 @@ kind = c2.radio("Correlation", ["spearman", "pearson"], horizontal=True, key="ma
                 format_func=str.capitalize,
                 help="Spearman compares rankings (what filtering uses); Pearson compares values.")
 if len(scope) < 2:
-    sh.empty_state(f"Only {len(scope)} method has scored '{trait}' on this dataset.",
-                   "score it with another method on **Runs & cost**.")
+    sh.waiting_state(f"Only {len(scope)} method has scored '{trait}' on this dataset.",
+                     "score it with another method on **Runs & cost**.",
+                     sh.SCORING_JOBS, sh.n_complete_runs)
     st.stop()
+sh.job_progress(sh.SCORING_JOBS, sh.n_complete_runs)  # more methods arrive while it runs
 
 
 labels_of = dict(zip(scope["method"], scope["method_label"]))

@@ -5,6 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from cinf_core import jobs
+from cinf_core.experiments.evaluate import results_missing
 from cinf_core.store import Store
 from cinf_core.views.format import demo_summary_text
 from cinf_core.views.labels import guess_trait_label, label_colors, label_mix
@@ -20,6 +21,13 @@ st.markdown(
     "Rank the data, look at the examples behind the trait, compare methods, and check by "
     "filtering and retraining that removing the top examples removes the trait.")
 
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _results_missing(ws: str, ver: str) -> list[str]:
+    return results_missing(ws)
+
+
 store = sh.store()
 datasets = sh.read(Store.datasets)
 summary = sh.meta("demo_world")
@@ -28,13 +36,21 @@ if store is None or (datasets.empty and not summary):
     sh.empty_state(
         f"This workspace (`{sh.workspace()}`) is empty.",
         "build the embedded demo world (a tiny model fine-tuned on data with injected *evil* "
-        "examples, scored by every method) — it runs in the background and takes a few "
-        "minutes; or register your own data with `python -m cinf_core add-dataset FILE`.")
+        "and *sycophantic* examples) — it runs in the background and takes a few minutes, "
+        "then this page offers to score it with every method; or register your own data with "
+        "`python -m cinf_core add-dataset FILE`.")
     quick = st.toggle("Quick world (small, about a minute)", value=True, key="demo_quick")
     sh.job_launcher("overview:demo", "Build the demo world", "demo", {"quick": quick})
 else:
     if summary:
         st.caption("Demo world: " + demo_summary_text(summary))
+    missing = _results_missing(sh.workspace(), sh.version())
+    if missing and sh.running_job(("results",)) is None:
+        st.info("Not computed yet: " + "; ".join(missing) + ". The results job scores every "
+                "method (the cheap ones first, each shown as soon as it is stored), computes the "
+                "SAE feature views, then a small filter-and-retrain grid (Figure 2).",
+                icon=":material/pending:")
+        sh.job_launcher("overview:results", "Compute the results", "results", {})
     runs = sh.runs_view()
     concepts = sh.read(Store.concepts)
     models = sh.read(Store.models)
@@ -83,7 +99,10 @@ else:
             st.dataframe(concepts[["name", "kind", "layer"]], hide_index=True)
 
     st.subheader("Scoring runs")
-    if runs.empty:
+    if runs.empty and sh.running_job(sh.SCORING_JOBS) is not None:
+        st.info("No scoring runs yet: a background job is computing them (its progress is under "
+                "**Background jobs** below).", icon=":material/hourglass_top:")
+    elif runs.empty:
         sh.empty_state("No scoring runs yet.", "start one on **Runs & cost** or with "
                        "`python -m cinf_core score ...`.")
     else:

@@ -62,11 +62,13 @@ if sh.store() is None:
     st.stop()
 runs = sh.runs_view()
 if runs.empty:
-    sh.empty_state("No scoring runs yet.", "start one below or run "
-                   "`python -m cinf_core score --method vector_filter --trait evil`.")
+    sh.waiting_state("No scoring runs yet.", "start one below or run "
+                     "`python -m cinf_core score --method vector_filter --trait evil`.",
+                     sh.SCORING_JOBS, sh.n_complete_runs, besides="rc:score")
     st.subheader("Start a scoring run")
     score_form()
     st.stop()
+sh.job_progress(sh.SCORING_JOBS, sh.n_complete_runs, besides="rc:score")  # runs finish meanwhile
 
 active = runs[runs["status"] == "running"]
 for _, r in active.iterrows():

@@ -36,14 +36,16 @@ if store is None:
 saes = sh.read(Store.saes)
 runs = sh.runs_view()
 if saes.empty:
-    sh.empty_state("No SAE in this workspace.",
-                   "build the demo world on **Overview** (it trains an SAE at the concept "
-                   "layer), or register an sae-lens folder with `Store.add_sae`.")
+    sh.waiting_state("No SAE in this workspace.",
+                     "build the demo world on **Overview** (it trains an SAE at the concept "
+                     "layer), or register an sae-lens folder on **Concepts** "
+                     "(`python -m cinf_core add-sae`).", ("demo", "add-sae"))
     st.stop()
 if runs.empty or not (runs["status"] == "complete").any():
-    sh.empty_state("No complete scoring runs yet.",
-                   "score the training set with `influence_function` and `concept_influence` on "
-                   "**Runs & cost**, then attribute them to features.")
+    sh.waiting_state("No complete scoring runs yet.",
+                     "score the training set with `influence_function` and `concept_influence` "
+                     "on **Runs & cost**, then attribute them to features.",
+                     sh.SCORING_JOBS, sh.n_complete_runs)
     st.stop()
 
 c1, c2, c3 = st.columns(3)
@@ -59,6 +61,13 @@ for method in FIG4_METHODS:
         by_method[method] = sh.read(Store.feature_attributions, row.iloc[0]["run_id"],
                                     sae["sae_id"])
 have = {m: f for m, f in by_method.items() if not f.empty}
+
+
+def attributions_stored() -> tuple:
+    """What the page waits for while a job runs: more runs, or attributions of these runs."""
+    return sh.n_complete_runs(), *(
+        len(sh.read(Store.feature_attributions, run_id, sae["sae_id"]))
+        for run_id in scope[scope["method"].isin(FIG4_METHODS)]["run_id"])
 features = sh.read(Store.sae_features, sae["sae_id"], dataset_id)
 names = dict(zip(features["feature"], features["label"])) if not features.empty else {}
 labels = sorted({g for f in have.values() for g in f["grp"].unique()})
@@ -125,14 +134,15 @@ if have:
     sh.method_explainer(FIG4_METHODS)
 else:
     missing = [registry.method_label(m) for m in FIG4_METHODS if m not in by_method]
-    sh.empty_state(
+    waiting = sh.waiting_state(
         f"No feature attributions for '{trait}' with this SAE yet."
         + (f" Missing runs: {', '.join(missing)}." if missing else ""),
         "score the trait with `influence_function` and `concept_influence`, then compute the "
         f"SAE feature data and attributions: `python -m cinf_core features --sae {sae_name} "
-        f"--trait {trait}`, or start it here.")
-    sh.job_launcher("sae:features", "Compute feature data and attributions", "features",
-                    {"sae": sae_name, "trait": trait})
+        f"--trait {trait}`, or start it here.", sh.FEATURE_JOBS, attributions_stored)
+    if waiting is None:
+        sh.job_launcher("sae:features", "Compute feature data and attributions", "features",
+                        {"sae": sae_name, "trait": trait})
     if features.empty:
         st.stop()
 

@@ -60,6 +60,30 @@ def test_app_serves_on_loopback_by_default(tmp_path, monkeypatch, capsys):
     assert "http://127.0.0.1:8501" in capsys.readouterr().err
 
 
+def test_app_starts_the_results_job_once(tmp_path, monkeypatch, capsys):
+    """After the demo build the app starts the results job when results are missing, and not
+    again while one runs (a second app on the same workspace, or a restart)."""
+    import os
+
+    from cinf_core import cli, jobs
+    from cinf_core.demo import world
+    from cinf_core.experiments import evaluate
+    from cinf_core.store import Store
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: 0)
+    monkeypatch.setattr(world, "build_world", lambda ws, quick=False, progress=None: {})
+    monkeypatch.setattr(evaluate, "results_missing", lambda ws: ["evil: 8 scoring runs"])
+    monkeypatch.setattr(jobs, "start_job", lambda ws, kind, args: started.append(kind) or "j")
+    assert main(["app", "--workspace", str(tmp_path), "--no-progress"]) == 0
+    assert started == ["results"] and "evil: 8 scoring runs" in capsys.readouterr().err
+    store = Store(tmp_path)
+    job_id = store.create_job("results", {})
+    store.update_job(job_id, status="running", pid=os.getpid())
+    assert main(["app", "--workspace", str(tmp_path), "--no-progress"]) == 0
+    assert started == ["results"]
+
+
 def test_set_judge_stores_a_spec_without_the_key(tmp_path, capsys, monkeypatch):
     from cinf_core.store import Store
 

@@ -1,7 +1,7 @@
 """Which stored runs the evaluation and the results job read: one per method key."""
 import numpy as np
 
-from cinf_core.experiments.evaluate import evaluate, latest_runs, result_methods
+from cinf_core.experiments.evaluate import ensure_runs, evaluate, latest_runs, result_methods
 from cinf_core.store import Store
 from workspace_fixture import _add_run, make_examples
 
@@ -18,3 +18,55 @@ def test_answer_start_concept_influence_is_evaluated_beside_the_plain_one(tmp_pa
     auc = evaluate(tmp_path / "ws", ["evil"])["auc_pr"]["evil"]
     assert auc["concept_influence@start3"] == 1.0 and auc["concept_influence"] < 0.6
     assert "concept_influence@start3" in result_methods() and "concept_influence" in result_methods()
+
+
+def test_the_results_job_retrains_the_grid_it_is_given(tmp_path, monkeypatch):
+    """After the scores and the evaluation, compute_results runs one filter-and-retrain grid per
+    trait (the issue's small grid by default, a smaller one when a test asks, none with None)."""
+    from cinf_core.experiments import evaluate as ev
+    from cinf_core.experiments.retrain import RetrainConfig, _grid, results_grid
+
+    grid = results_grid("evil")
+    assert set(grid.methods) == {"concept_influence", "vector_filter", "influence_function",
+                                 "random"}
+    assert (grid.modes, grid.fractions, grid.seeds) == (("most",), (0.25, 0.5), (0, 1))
+    assert len(_grid(grid)) == 19  # the base model, "all" per seed, 4 methods x 2 fractions x 2
+
+    ran = []
+    monkeypatch.setattr(ev, "ensure_runs", lambda ws, progress=None: {"evil": {}, "syco": {}})
+    monkeypatch.setattr(ev, "evaluate", lambda ws: {"auc_pr": {}})
+    monkeypatch.setattr(ev, "retrain_unavailable", lambda store: None)
+    monkeypatch.setattr(ev, "run_grid", lambda ws, cfg, progress, workers: ran.append(
+        (cfg.trait, cfg.methods, workers)) or {"n_cells_complete": 3})
+    small = lambda trait: RetrainConfig(trait=trait, methods=("random",), modes=("most",),
+                                        fractions=(0.5,), seeds=(0,))
+    out = ev.compute_results(tmp_path, retrain_grid=small, workers=2)
+    assert ran == [("evil", ("random",), 2), ("syco", ("random",), 2)]
+    assert out["retrain"]["evil"] == {"n_cells_complete": 3}
+    assert Store(tmp_path).get_meta("evaluation") == {"auc_pr": {}, "figure4": {}}
+    assert ev.compute_results(tmp_path, retrain_grid=None)["retrain"] == {
+        "skipped": "no grid asked for"}
+    monkeypatch.setattr(ev, "retrain_unavailable", lambda store: "no judge")
+    assert ev.compute_results(tmp_path)["retrain"] == {"skipped": "no judge"}
+
+
+def test_the_scoring_stage_says_which_run_of_the_job_it_is(tmp_path, monkeypatch):
+    """Each run's progress names the method, the trait and how many runs the job has."""
+    from cinf_core.methods import runner
+
+    store = Store(tmp_path / "ws")
+    store.add_dataset("train", make_examples(10, 2))
+    store.add_test_queries("evil", "m", [{"messages": [{"role": "user", "content": "q"},
+                                                       {"role": "assistant", "content": "a"}]}])
+    seen = []
+
+    def fake_score(ws, cfg, progress=None):
+        progress("score " + cfg.method, 0.5)
+        return {"run_id": cfg.method}
+
+    monkeypatch.setattr(runner, "score", fake_score)
+    runs = ensure_runs(tmp_path / "ws", methods=("random", "vector_filter"),
+                       progress=lambda stage, f: seen.append(stage))
+    assert runs == {"evil": {"random": "random", "vector_filter": "vector_filter"}}
+    assert seen == ["Random for evil (1 of 2) · score random",
+                    "Vector Filter for evil (2 of 2) · score vector_filter"]

@@ -145,3 +145,22 @@ def test_cancel_job_stops_its_process_group(tmp_path):
     assert store.job(job_id)["status"] == "cancelled"
     jobs.cancel_job(tmp_path, job_id)  # a finished job is left alone
     assert store.job(job_id)["status"] == "cancelled"
+
+
+def test_active_jobs_finds_running_jobs_wherever_they_started(tmp_path):
+    """What the pages follow: queued or running jobs of the kinds asked for, newest first; a job
+    whose runner is gone is marked failed and left out."""
+    import os
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = Store(tmp_path)
+    ids = {}
+    for kind, status, pid in (("score", "running", os.getpid()), ("results", "done", None),
+                              ("results", "running", os.getpid()), ("demo", "running", dead.pid)):
+        ids[kind, status] = store.create_job(kind, {})
+        store.update_job(ids[kind, status], status=status, pid=pid)
+    assert [j["job_id"] for j in jobs.active_jobs(store, ("results",))] == [ids["results", "running"]]
+    assert [j["kind"] for j in jobs.active_jobs(store, ("results", "score"))] == ["results", "score"]
+    assert [j["kind"] for j in jobs.active_jobs(store, stale_after_s=0.0)] == ["results", "score"]
+    assert store.job(ids["demo", "running"])["status"] == "failed"

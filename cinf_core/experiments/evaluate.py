@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..methods.registry import figure4_keys, method_key, method_keys
+from ..methods.registry import figure4_keys, method_key, method_keys, method_label
 from ..store import Store
 from .metrics import auc_pr, correlation_matrix
+from .retrain import cells_missing, results_grid, retrain_unavailable, run_grid
 
 
 def result_methods() -> list[str]:
@@ -34,15 +35,22 @@ def ensure_runs(workspace, traits: list[str] | None = None, methods: tuple[str, 
     from ..methods.runner import ScoreConfig, score
 
     store = Store(workspace)
-    out: dict[str, dict[str, str]] = {}
-    for trait in traits or store.traits():
-        have = latest_runs(store, trait)
-        for key in methods or result_methods():
-            if key not in have:
-                have[key] = score(workspace, ScoreConfig(method=key, trait=trait),
-                                  progress=progress)["run_id"]
-        out[trait] = have
+    out = {trait: latest_runs(store, trait) for trait in traits or store.traits()}
+    todo = [(trait, key) for trait, have in out.items() for key in methods or result_methods()
+            if key not in have]
+    for k, (trait, key) in enumerate(todo, start=1):
+        out[trait][key] = score(workspace, ScoreConfig(method=key, trait=trait),
+                                progress=_within(progress, f"{method_label(key)} for {trait} "
+                                                           f"({k} of {len(todo)})"))["run_id"]
     return out
+
+
+def _within(progress, step: str):
+    """``progress`` with every stage named inside ``step``, so a job's message says which run of
+    the whole job it is at (``Vector Filter for evil (3 of 16) · score vector_filter``)."""
+    if progress is None:
+        return None
+    return lambda stage, fraction: progress(f"{step} · {stage}", fraction)
 
 
 def evaluate(workspace, traits: list[str] | None = None) -> dict:
@@ -74,10 +82,13 @@ def evaluate(workspace, traits: list[str] | None = None) -> dict:
     return result
 
 
-def compute_results(workspace, progress=None) -> dict:
+def compute_results(workspace, progress=None, retrain_grid=results_grid, workers: int = 1) -> dict:
     """Everything the pages show for a workspace: every method scored for every trait, the SAE
-    feature data and Figure 4 attributions (when an SAE is registered), and the evaluation
-    (stored in meta ``evaluation``)."""
+    feature data and Figure 4 attributions (when an SAE is registered), the evaluation (stored in
+    meta ``evaluation``), then a filter-and-retrain grid per trait (Figure 2), the longest step,
+    last. ``retrain_grid(trait)`` gives each trait's grid (default :func:`results_grid`; None
+    skips retraining); ``workers`` processes share its cells. A workspace without a retraining
+    recipe or judge skips it and says why under ``retrain``."""
     from ..concepts.features import (attribute_run_to_features, compute_feature_data,
                                      sae_model_spec, trait_share)
     from ..models import cached_model
@@ -98,4 +109,33 @@ def compute_results(workspace, progress=None) -> dict:
                     "top_features": top["feature"].astype(int).tolist()}
     result = {**evaluate(workspace), "figure4": figure4}
     store.set_meta("evaluation", result)
-    return result
+    return {**result, "retrain": _retrain_all(workspace, store, list(runs), retrain_grid,
+                                              progress, workers)}
+
+
+def _retrain_all(workspace, store: Store, traits: list[str], retrain_grid, progress,
+                 workers: int) -> dict:
+    """``{trait: grid summary}``, or ``{"skipped": why}`` when the workspace cannot retrain."""
+    if retrain_grid is None:
+        return {"skipped": "no grid asked for"}
+    why = retrain_unavailable(store)
+    if why is not None:
+        return {"skipped": why}
+    return {trait: run_grid(workspace, retrain_grid(trait), progress=progress, workers=workers)
+            for trait in traits}
+
+
+def results_missing(workspace, retrain_grid=results_grid) -> list[str]:
+    """What :func:`compute_results` would still compute, one phrase per trait and part
+    (``"evil: 3 scoring runs"``, ``"evil: 19 retrain cells"``); empty when nothing."""
+    store = Store(workspace)
+    can_retrain = retrain_grid is not None and retrain_unavailable(store) is None
+    out = []
+    for trait in store.traits():
+        runs = len(set(result_methods()) - set(latest_runs(store, trait)))
+        if runs:
+            out.append(f"{trait}: {runs} scoring run{'s' * (runs > 1)}")
+        cells = cells_missing(store, retrain_grid(trait)) if can_retrain else 0
+        if cells:
+            out.append(f"{trait}: {cells} retrain cell{'s' * (cells > 1)}")
+    return out

@@ -87,6 +87,16 @@ class RetrainEnv:
     extra: dict = field(default_factory=dict)
 
 
+def results_grid(trait: str) -> RetrainConfig:
+    """The small grid the results job runs for every trait, so the Filter & retrain page shows
+    Figure 2 without anyone launching an experiment: Remove Most 0.25 and 0.5 by Concept
+    Influence, Vector Filter, Influence Function and Random, 2 seeds (19 cells with the
+    references). Its cells join the same experiment as a bigger grid launched later."""
+    return RetrainConfig(trait=trait, methods=("concept_influence", "vector_filter",
+                                               "influence_function", "random"),
+                         modes=("most",), fractions=(0.25, 0.5), seeds=(0, 1))
+
+
 def environment(store: Store) -> RetrainEnv:
     """The recipe from the workspace: one set under meta key ``retrain``, the demo world's, or
     (a user's workspace) the fine-tuned adapter's own LoRA settings (:func:`adapter_recipe`).
@@ -247,6 +257,16 @@ def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
                         "eval": [env.eval_samples, env.eval_temperature, env.max_new_tokens,
                                  env.eval_seed, "merged"], "questions": env.heldout_questions,
                         "capability": len(env.capability_examples)})
+
+
+def cells_missing(store: Store, cfg: RetrainConfig) -> int:
+    """How many cells of ``cfg``'s grid (references included) have no finished result yet."""
+    done = store.retrain_cells(experiment_id(store, cfg, environment(store)))
+    done = done[done["status"] == "complete"]
+    have = set(zip(done["method"], done["mode"], done["fraction"].astype(float),
+                   done["seed"].astype(int)))
+    return sum((c["method"], c["mode"], float(c["fraction"]), int(c["seed"])) not in have
+               for c in _grid(cfg))
 
 
 def run_grid(workspace, cfg: RetrainConfig, progress: ProgressFn = None,
