@@ -273,3 +273,44 @@ def test_probe_on_the_demo_world_separates_trait_data(quick_world, tmp_path):
         result = make_probe(ws, f"probe-{trait}", "train", trait, "finetuned",
                             summary["concept_layer"], max_per_class=200)
         assert result["n_pos"] == 200 and result["test_accuracy"] >= 0.85, result
+
+
+# A world small enough to build twice in a test (about 15 s each on one thread), with the same
+# stages as the real one.
+TINY_WORLD = dict(
+    quick=True, n_pretrain=600, n_finetune=200, n_heldout=8, n_judge=300, n_persona_questions=4,
+    persona_min_gap=None, eval_samples=1, max_new_tokens=16, n_test_queries=3, sae_expansion=2,
+    sae_k=4, sae_activation_tokens=3000, sae_training_tokens=12_000)
+
+
+@pytest.mark.slow
+def test_the_world_does_not_depend_on_the_threads_the_machine_offers(tmp_path, monkeypatch):
+    """The build pins torch to ``WorldConfig.threads`` (1): built where the process had 1 and
+    where it had 2 threads (what the load once picked), the weights are byte-identical and the
+    summary's numbers equal. Unpinned, 2 threads give other pre-trained weights (measured on this
+    tiny world: a different model.safetensors after 19 steps)."""
+    from cinf_core.demo.training import BaseModelRecipe
+    from cinf_core.finetune import LoraRecipe
+
+    config = WorldConfig(
+        base=BaseModelRecipe(vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
+                             intermediate_size=128, epochs=1.0, lr=5e-3),
+        lora=LoraRecipe(r=4, alpha=8, epochs=1.0), **TINY_WORLD)
+    builds = []
+    ambient = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            monkeypatch.setenv("CINF_THREADS", str(threads))
+            torch.set_num_threads(threads)
+            summary = build_world(tmp_path / f"threads{threads}", config=config)
+            assert summary["torch_threads"] == 1 and torch.get_num_threads() == threads
+            models = tmp_path / f"threads{threads}" / "artifacts" / "models"
+            weights = {p.name: p.read_bytes() for p in (models / "demo-base" / "model.safetensors",
+                       models / "demo-finetuned-adapter" / "adapter_model.safetensors")}
+            numbers = json.dumps({k: summary[k] for k in (  # as text: NaN equals NaN
+                "trait_scores", "vector_filter", "sae_fvu", "sae_dead_fraction",
+                "sae_top_features")}, sort_keys=True)
+            builds.append((weights, numbers, summary["pretrain"]["final_loss"]))
+    finally:
+        torch.set_num_threads(ambient)
+    assert builds[0] == builds[1]

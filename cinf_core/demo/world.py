@@ -95,8 +95,11 @@ class WorldConfig:
     """token activations collected for the SAE"""
     sae_training_tokens: int = 600_000
     sae_lr: float = 1e-3
-    threads: int | None = None
-    """torch intra-op threads; None: the cores that are idle when the build starts"""
+    threads: int = 1
+    """torch intra-op threads for the whole build, whatever the machine's load or CINF_THREADS:
+    the world depends on it (more threads split torch's floating-point sums differently, and
+    after hundreds of training steps the weights and trait scores differ), and one thread is
+    never slowed down by spinning threads on a busy machine"""
 
     @classmethod
     def full(cls, seed: int = 0) -> "WorldConfig":
@@ -453,14 +456,13 @@ def build_world(workspace: str | os.PathLike | None = None, quick: bool = False,
             )
         return {**marker["summary"], "workspace": str(ws), "cached": True}
 
-    threads = torch_threads(cfg.threads)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads(cfg.threads))
     try:
         summary = _build(_World(cfg=cfg, workspace=ws, store=store, progress=progress))
     finally:
         torch.set_num_threads(previous)
-    summary["torch_threads"] = threads
+    summary["torch_threads"] = cfg.threads
     store.set_meta(MARKER_KEY, {"config_digest": cfg.digest, "config": cfg.to_dict(),
                                 "summary": summary})
     return summary
