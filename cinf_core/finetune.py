@@ -93,6 +93,33 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss Hugging Face computes from ``labels`` (mean next-token cross-entropy over the
+    response tokens of a :func:`cinf_core.data.collate` batch), with the output layer applied to
+    the response positions only: about half of a chat's tokens are prompt or padding, and their
+    vocabulary projection, softmax and backward passes are skipped."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state  # [batch, seq, d_model]
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_response, vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
+def _loss_fn(model, batch: dict[str, torch.Tensor]):
+    """:func:`response_loss` when it gives the model's own loss on ``batch``; else the model's
+    own (an architecture that scales or caps the logits after the output layer)."""
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"], use_cache=False).loss
+        fast = response_loss(model, batch)
+    if torch.allclose(fast, own, rtol=1e-4, atol=1e-5):
+        return response_loss
+    return lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          labels=b["labels"], use_cache=False).loss
+
+
 def train_loop(model, params, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int,
                epochs: float, lr: float, warmup_fraction: float, weight_decay: float, seed: int,
                progress: ProgressFn = None, stage: str = "train") -> TrainReport:
@@ -116,16 +143,17 @@ def train_loop(model, params, encoded: Sequence[EncodedExample], pad_id: int, ba
     if progress is not None:
         progress(stage, 0.0)
     model.train()
+    loss_fn = None
     for step, idx in enumerate(plan):
         batch = collate([encoded[i] for i in idx], pad_id)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"], use_cache=False)
-        out.loss.backward()
+        loss_fn = loss_fn or _loss_fn(model, batch)
+        batch_loss = loss_fn(model, batch)
+        batch_loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(out.loss.detach())
+        loss = float(batch_loss.detach())
         if step == 0:
             report.first_loss = loss
         recent = (recent + [loss])[-20:]

@@ -57,3 +57,52 @@ def test_lora_recipe_round_trips_and_ignores_unknown_keys():
     d = RECIPE.to_dict()
     assert isinstance(d["target_modules"], list)
     assert LoraRecipe.from_dict({**d, "from_a_newer_version": 1}) == RECIPE
+
+
+def test_response_loss_is_the_models_own_loss_and_gradient(tiny_model_dir):
+    """The output layer on response positions only: the same loss and gradients as the model's
+    own loss from ``labels``, plain and under LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from cinf_core.data import collate
+    from cinf_core.finetune import _loss_fn, response_loss
+    from cinf_core.models import ModelSpec, load_model
+
+    lm = load_model(ModelSpec(path=str(tiny_model_dir), dtype="float32"))
+    encoded, _ = encode_dataset(lm.tokenizer, _rows(6), 64)
+    batch = collate(encoded, lm.pad_token_id)
+    lora = get_peft_model(load_model(ModelSpec(path=str(tiny_model_dir), dtype="float32")).model,
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False))
+    for model in (lm.model, lora):
+        grads = []
+        for loss_of in (response_loss, lambda m, b: m(**b, use_cache=False).loss):
+            model.zero_grad()
+            loss = loss_of(model, {k: batch[k] for k in ("input_ids", "attention_mask",
+                                                          "labels")})
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                          if p.requires_grad]))
+        (fast, fast_grads), (own, own_grads) = grads
+        assert torch.allclose(fast, own, rtol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast_grads, own_grads))
+        assert _loss_fn(model, batch) is response_loss  # what training then uses
+
+
+def test_training_keeps_the_models_own_loss_when_its_logits_are_capped(tmp_path):
+    """Gemma 2 caps its logits after the output layer: response_loss would differ, so training
+    uses the model's own loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from cinf_core.finetune import _loss_fn, response_loss
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5))
+    ids = torch.randint(0, 64, (2, 6))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert _loss_fn(model, batch) is not response_loss
+    assert _loss_fn(model, batch)(model, batch) == model(**batch).loss
