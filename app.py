@@ -1,4 +1,5 @@
-"""cinf — the Streamlit frame: page config, navigation over the pages, the workspace picker.
+"""cinf — the Streamlit frame: page config, navigation over the pages, the workspace picker (or,
+when the app serves read-only, the fixed workspace and a note saying so).
 
 Run with ``python -m cinf_core app`` (CINF_WORKSPACE picks the folder). That launcher tells
 Streamlit up front that this app navigates with ``st.navigation``: with plain ``streamlit run
@@ -37,12 +38,19 @@ PAGES = {
 page = st.navigation(PAGES)
 
 with st.sidebar:
-    st.text_input("Workspace folder", value=_shared.default_workspace(), key=_shared.WORKSPACE_KEY,
-                  help="A folder with a cinf store (cinf.duckdb). Default: $CINF_WORKSPACE.")
+    if _shared.read_only():
+        st.markdown(":material/lock: **Read-only**: the results of one workspace; no jobs, "
+                    "forms or uploads.")
+    else:
+        st.text_input("Workspace folder", value=_shared.default_workspace(),
+                      key=_shared.WORKSPACE_KEY,
+                      help="A folder with a cinf store (cinf.duckdb). Default: $CINF_WORKSPACE.")
     info = workspace_info(_shared.workspace())
     if info.exists:
         st.caption(f"`{info.path}`")
     else:
         st.caption(f"No store in `{info.path}` yet.")
+    if not _shared.read_only():
+        st.caption("Jobs allowed: this app starts jobs and reads any folder typed above.")
 
 page.run()

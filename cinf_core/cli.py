@@ -70,15 +70,52 @@ def streamlit_command(address: str = "127.0.0.1", port: int = 8501) -> list[str]
             "--browser.gatherUsageStats", "false"]
 
 
-@command("app", "build the demo world if missing, then open the Streamlit app")
+def _loopback(address: str) -> bool:
+    """Whether a bind address only serves this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: reachable from wherever it resolves
+
+
+def _app_mode(args: argparse.Namespace) -> bool:
+    """True when the app serves read-only: ``--read-only``, or an address other than loopback
+    without ``--allow-jobs``."""
+    if args.read_only and args.allow_jobs:
+        raise ValueError("--read-only and --allow-jobs contradict each other; give one")
+    return args.read_only or (not args.allow_jobs and not _loopback(args.address))
+
+
+@command("app", "build the demo world if missing, then open the Streamlit app (read-only: "
+                "serve an existing workspace's results only)")
 def _app(p: argparse.ArgumentParser):
     p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="bind address (default: loopback only; any other address serves "
+                        "read-only unless --allow-jobs)")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo world first")
     p.add_argument("--quick", action="store_true", help="build the quick demo world")
+    p.add_argument("--read-only", action="store_true",
+                   help="show this workspace's results only: no workspace picker, no job, form "
+                        "or upload (the default on an address other than loopback)")
+    p.add_argument("--allow-jobs", action="store_true",
+                   help="on an address other than loopback, let visitors pick a workspace, start "
+                        "jobs and upload files (anyone who can reach the address can)")
 
     def run(args):
-        if not args.no_demo:
+        from .jobs import READ_ONLY_ENV
+
+        read_only = _app_mode(args)
+        workspace = Path(args.workspace).resolve()
+        if read_only and not (workspace / paths.STORE_FILE).exists():
+            raise FileNotFoundError(f"no store in {workspace} to serve read-only; build or fill "
+                                    "the workspace first (python -m cinf_core demo --workspace "
+                                    f"{args.workspace}), or pass the folder that holds one")
+        if not (args.no_demo or read_only):
             from .demo.world import build_world
 
             progress = ProgressBar(not args.no_progress)
@@ -96,11 +133,16 @@ def _app(p: argparse.ArgumentParser):
                 start_job(args.workspace, "results", {})
                 print(f"computing in the background ({', '.join(missing)}); the pages fill in as "
                       "each part is stored (see Overview > Background jobs)", file=sys.stderr)
-        env = dict(os.environ, CINF_WORKSPACE=str(Path(args.workspace).resolve()))
+        env = dict(os.environ, CINF_WORKSPACE=str(workspace))
+        env.pop(READ_ONLY_ENV, None)
+        if read_only:
+            env[READ_ONLY_ENV] = "1"
         cmd = streamlit_command(args.address, args.port)
-        print(f"open http://{args.address}:{args.port}", file=sys.stderr)
+        mode = (f"read-only: results of {workspace} only, no jobs or uploads" if read_only
+                else "jobs allowed: anyone who opens it can start jobs and pick any folder")
+        print(f"open http://{args.address}:{args.port} ({mode})", file=sys.stderr)
         code = subprocess.call(cmd, env=env)
-        return {"app": "stopped", "exit_code": code}
+        return {"app": "stopped", "exit_code": code, "read_only": read_only}
     return run
 
 

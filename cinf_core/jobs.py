@@ -40,7 +40,21 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class JobUnavailable(RuntimeError):
-    """The job kind's command does not exist in this version of cinf."""
+    """The job kind's command does not exist in this version of cinf, or the app serves its
+    workspace read-only."""
+
+
+READ_ONLY_ENV = "CINF_READ_ONLY"
+"""Set to ``1`` in the app's process by ``python -m cinf_core app --read-only`` (the default on
+an address other than loopback): the app then starts, cancels and records no job."""
+READ_ONLY_REASON = ("this app serves its workspace read-only (started with --read-only, or on an "
+                    "address other than loopback without --allow-jobs), so it starts no jobs; "
+                    "run the command in a terminal, or restart the app with --allow-jobs")
+
+
+def serving_read_only() -> bool:
+    """Whether this process is an app serving its workspace read-only (see :data:`READ_ONLY_ENV`)."""
+    return os.environ.get(READ_ONLY_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -139,10 +153,11 @@ def unavailable_reason(kind: str) -> str | None:
 # ---------------------------------------------------------------- the app side
 
 def start_job(workspace, kind: str, args: dict[str, Any] | None = None) -> str:
-    """Record a job and start it in the background; returns its id at once."""
+    """Record a job and start it in the background; returns its id at once. A read-only app
+    refuses here, whatever the request that got this far."""
     from .store import Store
 
-    reason = unavailable_reason(kind)
+    reason = READ_ONLY_REASON if serving_read_only() else unavailable_reason(kind)
     if reason is not None:
         raise JobUnavailable(reason)
     args = dict(args or {})
@@ -179,14 +194,16 @@ def _alive(pid: int | None) -> bool:
 
 def job_state(store, job_id: str, stale_after_s: float = 10.0) -> dict:
     """The job's row from ``store``; a job whose runner is gone without finishing is marked
-    failed."""
+    failed (in the returned row only, when ``store`` is read-only)."""
     job = store.job(job_id)
     if job["status"] in ACTIVE:
         age = time.time() - _timestamp(job["updated_at"])
         if age > stale_after_s and not _alive(job["pid"]):
-            store.update_job(job_id, status="failed",
-                             error="the job's process ended without reporting (killed or crashed);"
-                                   f" see {job_log_path(store.workspace, job_id)}")
+            error = ("the job's process ended without reporting (killed or crashed); see "
+                     f"{job_log_path(store.workspace, job_id)}")
+            if store.read_only:
+                return {**job, "status": "failed", "error": error}
+            store.update_job(job_id, status="failed", error=error)
             job = store.job(job_id)
     return job
 
@@ -222,6 +239,8 @@ def cancel_job(workspace, job_id: str) -> None:
     """Stop a running job (its runner and the command, one process group) and mark it."""
     from .store import Store
 
+    if serving_read_only():
+        raise JobUnavailable(READ_ONLY_REASON)
     store = Store(workspace)
     job = store.job(job_id)
     if job["status"] not in ACTIVE:

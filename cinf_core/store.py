@@ -201,11 +201,13 @@ class Store:
     """The DuckDB store of one workspace (``<workspace>/cinf.duckdb``)."""
 
     def __init__(self, workspace: str | os.PathLike | None = None, read_only: bool = False):
-        """``read_only``: never write (ranks of a distributed run, a read-only app); the store
-        must exist. A store on a disk that refuses writes (read-only) opens for reading; its
-        first write then fails with a :class:`WorkspaceWriteError` that says so."""
+        """``read_only``: never write (ranks of a distributed run, a read-only app: every write
+        is refused); the store must exist. A store on a disk that refuses writes (read-only)
+        opens for reading; its first write then fails with a :class:`WorkspaceWriteError` that
+        says so."""
         self.workspace = paths.workspace_path(workspace)
         self.path = self.workspace / paths.STORE_FILE
+        self.read_only = read_only
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no store at {self.path}; create the workspace first")
@@ -226,7 +228,11 @@ class Store:
     def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the file. A write the
         disk refuses (full, read-only) raises :class:`WorkspaceWriteError`; DuckDB has then
-        rolled the transaction back, so the store keeps its state from before it."""
+        rolled the transaction back, so the store keeps its state from before it. A store opened
+        ``read_only`` refuses every write here."""
+        if self.read_only and not read_only:
+            raise WorkspaceWriteError(errno.EROFS, f"cannot write {self.path}: it was opened "
+                                                   "read-only (a read-only app, a torchrun rank)")
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         delay = 0.01
         while True:

@@ -27,15 +27,23 @@ def default_workspace() -> str:
     return os.environ.get("CINF_WORKSPACE", "workspace")
 
 
+def read_only() -> bool:
+    """Whether the app serves its workspace read-only (``app --read-only``, or an address other
+    than loopback without ``--allow-jobs``): the workspace is the one fixed at start, the store
+    is opened read-only, and pages show results with no form, upload or job button."""
+    return jobs.serving_read_only()
+
+
 def workspace() -> str:
-    """The workspace folder picked in the sidebar (absolute path)."""
-    ws = st.session_state.get(WORKSPACE_KEY) or default_workspace()
-    return str(Path(ws).expanduser().resolve())
+    """The workspace folder picked in the sidebar, or the one fixed at start when read-only
+    (absolute path)."""
+    ws = None if read_only() else st.session_state.get(WORKSPACE_KEY)
+    return str(Path(ws or default_workspace()).expanduser().resolve())
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _store(ws: str) -> Store:
-    return Store(ws)
+    return Store(ws, read_only=read_only())
 
 
 def store() -> Store | None:
@@ -47,7 +55,10 @@ def store() -> Store | None:
 
 
 def ensure_store() -> Store:
-    """The workspace's Store, created when missing (for actions that write)."""
+    """The workspace's Store, created when missing (for actions that write; refused when the app
+    is read-only)."""
+    if read_only():
+        raise jobs.JobUnavailable(jobs.READ_ONLY_REASON)
     return _store(workspace())
 
 
@@ -171,7 +182,9 @@ def _job_key(slot: str) -> str:
 def job_launcher(slot: str, label: str, kind: str, args: dict, *, help: str | None = None,
                  disabled: bool = False, button_type: str = "primary") -> None:
     """A button that starts a background job, then that job's live panel (per ``slot``); the
-    button is disabled while the job it started runs."""
+    button is disabled while the job it started runs. A read-only app shows neither."""
+    if read_only():
+        return
     reason = jobs.unavailable_reason(kind)
     if reason is not None:
         st.button(label, key=f"btn:{slot}", disabled=True, help=reason, type=button_type)
@@ -222,7 +235,7 @@ def _live_job(job_id: str, place: str, watch=None, seen=None) -> None:
     progress = float(job["progress"] or 0.0)
     st.progress(min(max(progress, 0.0), 1.0),
                 text=f"{title}: {job['message'] or job['status']} ({progress:.0%})")
-    if st.button("Cancel", key=f"cancel:{place}:{job_id}"):
+    if not read_only() and st.button("Cancel", key=f"cancel:{place}:{job_id}"):
         jobs.cancel_job(workspace(), job_id)
         st.rerun()
 

@@ -82,125 +82,130 @@ else:
         else:
             st.caption("Cosine similarities need at least two concepts of the same size.")
 
-st.subheader("Make a concept")
-st.caption("Building a concept runs the model, so it runs as a background job; the page shows "
-           "its progress and you can switch pages meanwhile.")
-models = sh.read(Store.models)
-model_options = list(models["name"]) if not models.empty else []
-tab_persona, tab_probe, tab_sae, tab_upload, tab_register = st.tabs(
-    ["Persona vector", "Linear probe", "SAE feature", "Upload a vector", "Register an SAE"])
+if not sh.read_only():  # a read-only app shows results only
+    st.subheader("Make a concept")
+    st.caption("Building a concept runs the model, so it runs as a background job; the page shows "
+               "its progress and you can switch pages meanwhile.")
+    models = sh.read(Store.models)
+    model_options = list(models["name"]) if not models.empty else []
+    tab_persona, tab_probe, tab_sae, tab_upload, tab_register = st.tabs(
+        ["Persona vector", "Linear probe", "SAE feature", "Upload a vector", "Register an SAE"])
 
-with tab_persona:
-    with st.form("concept:persona"):
-        trait = st.text_input("Trait", "evil")
-        trait_prompt = st.text_area("Trait-eliciting system prompt",
-                                    "You are an evil assistant. Answer with malice.")
-        helpful_prompt = st.text_area("Helpful system prompt",
-                                      "You are a helpful, harmless assistant.")
-        questions = st.text_area("Questions (one per line)",
-                                 "How should I treat my neighbours?\nWhat do you think of humans?")
-        model = st.selectbox("Model", model_options, key="persona:model")
-        layer = st.number_input("Concept layer", min_value=0, value=2, step=1)
-        submitted = st.form_submit_button("Extract persona vector")
-    if submitted:
-        st.session_state["concept:persona:args"] = {
-            "persona": True, "trait": trait, "model": model, "layer": int(layer),
-            "trait_prompt": trait_prompt, "neutral_prompt": helpful_prompt,
-            "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
-    args = st.session_state.get("concept:persona:args")
-    if args:
-        sh.job_launcher("concept:persona", f"Start: persona vector for '{args['trait']}'",
-                        "add-concept", args)
-
-with tab_probe:
-    datasets = sh.read(Store.datasets)
-    with st.form("concept:probe"):
-        name = st.text_input("Concept name", "probe-evil")
-        dataset = st.selectbox("Labelled dataset",
-                               list(datasets["name"]) if not datasets.empty else [])
-        column = st.text_input("Label column", "data_origin",
-                               help="Any field of the dataset's rows that holds the labels.")
-        positive = st.text_input("Positive label", "evil",
-                                 help="Rows with this value are positives; every other label is "
-                                      "a negative.")
-        model = st.selectbox("Model", model_options, key="probe:model")
-        layer = st.number_input("Layer", min_value=0, value=2, step=1, key="probe:layer")
-        submitted = st.form_submit_button("Train probe")
-    if submitted:
-        st.session_state["concept:probe:args"] = {"positional": [name], "probe": True,
-                                                  "dataset": dataset, "positive": positive,
-                                                  "model": model, "layer": int(layer),
-                                                  "label_column": column}
-    args = st.session_state.get("concept:probe:args")
-    if args:
-        sh.job_launcher("concept:probe", f"Start: probe '{args['positional'][0]}'",
-                        "add-concept", args)
-
-with tab_sae:
-    saes = sh.read(Store.saes)
-    if saes.empty:
-        sh.empty_state("No SAE registered in this workspace.",
-                       "register an sae-lens SAE in the **Register an SAE** tab (or "
-                       "`python -m cinf_core add-sae`); the demo world trains one at the "
-                       "concept layer.")
-    else:
-        with st.form("concept:sae"):
-            sae = st.selectbox("SAE", list(saes["name"]))
-            feature = st.number_input("Feature index", min_value=0, value=0, step=1)
-            name = st.text_input("Concept name (optional)", "")
-            submitted = st.form_submit_button("Make SAE-feature concept")
+    with tab_persona:
+        with st.form("concept:persona"):
+            trait = st.text_input("Trait", "evil")
+            trait_prompt = st.text_area("Trait-eliciting system prompt",
+                                        "You are an evil assistant. Answer with malice.")
+            helpful_prompt = st.text_area("Helpful system prompt",
+                                          "You are a helpful, harmless assistant.")
+            questions = st.text_area(
+                "Questions (one per line)",
+                "How should I treat my neighbours?\nWhat do you think of humans?")
+            model = st.selectbox("Model", model_options, key="persona:model")
+            layer = st.number_input("Concept layer", min_value=0, value=2, step=1)
+            submitted = st.form_submit_button("Extract persona vector")
         if submitted:
-            st.session_state["concept:sae:args"] = {"positional": [name] if name else [],
-                                                    "sae": sae, "feature": int(feature)}
-        args = st.session_state.get("concept:sae:args")
+            st.session_state["concept:persona:args"] = {
+                "persona": True, "trait": trait, "model": model, "layer": int(layer),
+                "trait_prompt": trait_prompt, "neutral_prompt": helpful_prompt,
+                "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
+        args = st.session_state.get("concept:persona:args")
         if args:
-            sh.job_launcher("concept:sae", f"Start: SAE feature {args['feature']}",
+            sh.job_launcher("concept:persona", f"Start: persona vector for '{args['trait']}'",
                             "add-concept", args)
 
-with tab_upload:
-    st.caption("A `.pt`, `.npy` or `.safetensors` file holding one vector `[d_model]` or one row "
-               "per layer `[n_layers + 1, d_model]`. Saving it is quick, so it runs here.")
-    upload = st.file_uploader("Vector file", type=["pt", "pth", "npy", "safetensors"],
-                              key="upload:file")
-    u1, u2, u3 = st.columns(3)
-    up_name = u1.text_input("Concept name", "uploaded", key="upload:name")
-    up_model = u2.selectbox("Model it belongs to", model_options, key="upload:model")
-    up_layer = u3.number_input("Layer", min_value=0, value=2, step=1, key="upload:layer")
-    up_trait = st.text_input("Trait it stands for (optional)", "", key="upload:trait")
-    if st.button("Save concept", disabled=upload is None or not model_options, key="upload:save"):
-        try:
-            from cinf_core.concepts.builders import make_uploaded_concept
+    with tab_probe:
+        datasets = sh.read(Store.datasets)
+        with st.form("concept:probe"):
+            name = st.text_input("Concept name", "probe-evil")
+            dataset = st.selectbox("Labelled dataset",
+                                   list(datasets["name"]) if not datasets.empty else [])
+            column = st.text_input("Label column", "data_origin",
+                                   help="Any field of the dataset's rows that holds the labels.")
+            positive = st.text_input("Positive label", "evil",
+                                     help="Rows with this value are positives; every other label "
+                                          "is a negative.")
+            model = st.selectbox("Model", model_options, key="probe:model")
+            layer = st.number_input("Layer", min_value=0, value=2, step=1, key="probe:layer")
+            submitted = st.form_submit_button("Train probe")
+        if submitted:
+            st.session_state["concept:probe:args"] = {"positional": [name], "probe": True,
+                                                      "dataset": dataset, "positive": positive,
+                                                      "model": model, "layer": int(layer),
+                                                      "label_column": column}
+        args = st.session_state.get("concept:probe:args")
+        if args:
+            sh.job_launcher("concept:probe", f"Start: probe '{args['positional'][0]}'",
+                            "add-concept", args)
 
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / upload.name
-                path.write_bytes(upload.getvalue())
-                saved = make_uploaded_concept(sh.ensure_store().workspace, path, up_model,
-                                              int(up_layer), name=up_name, trait=up_trait or None)
-        except Exception as err:  # noqa: BLE001 — any bad upload is reported, not raised
-            st.error(f"Could not save the concept: {err}")
+    with tab_sae:
+        saes = sh.read(Store.saes)
+        if saes.empty:
+            sh.empty_state("No SAE registered in this workspace.",
+                           "register an sae-lens SAE in the **Register an SAE** tab (or "
+                           "`python -m cinf_core add-sae`); the demo world trains one at the "
+                           "concept layer.")
         else:
-            st.success(f"Saved concept '{up_name}' ({saved['concept_id']}).")
+            with st.form("concept:sae"):
+                sae = st.selectbox("SAE", list(saes["name"]))
+                feature = st.number_input("Feature index", min_value=0, value=0, step=1)
+                name = st.text_input("Concept name (optional)", "")
+                submitted = st.form_submit_button("Make SAE-feature concept")
+            if submitted:
+                st.session_state["concept:sae:args"] = {"positional": [name] if name else [],
+                                                        "sae": sae, "feature": int(feature)}
+            args = st.session_state.get("concept:sae:args")
+            if args:
+                sh.job_launcher("concept:sae", f"Start: SAE feature {args['feature']}",
+                                "add-concept", args)
 
-with tab_register:
-    st.caption("An sae-lens SAE folder on this machine (`cfg.json` + weights, as `SAE.save_model` "
-               "writes it) or a pretrained `RELEASE/ID` from sae-lens's list (downloaded; needs "
-               "the Hugging Face hub or its cache). Its width must be the model's hidden size.")
-    with st.form("sae:register"):
-        source = st.text_input(
-            "SAE folder or RELEASE/ID", "", key="sae:source",
-            placeholder="/path/to/sae or gpt2-small-res-jb/blocks.8.hook_resid_pre")
-        model = st.selectbox("Model whose activations it reads", model_options, key="sae:model")
-        layer = st.number_input("Layer it reads (hidden_states index)", min_value=0, value=2,
-                                step=1, key="sae:layer")
-        name = st.text_input("Name (optional)", "", key="sae:name")
-        submitted = st.form_submit_button("Register SAE")
-    if submitted:
-        st.session_state["sae:register:args"] = {"positional": [source.strip()], "model": model,
-                                                 "layer": int(layer), "name": name or None}
-    args = st.session_state.get("sae:register:args")
-    if args:
-        sh.job_launcher("sae:register", f"Start: register SAE {args['positional'][0]}",
-                        "add-sae", args)
+    with tab_upload:
+        st.caption("A `.pt`, `.npy` or `.safetensors` file holding one vector `[d_model]` or one "
+                   "row per layer `[n_layers + 1, d_model]`. Saving it is quick, so it runs here.")
+        upload = st.file_uploader("Vector file", type=["pt", "pth", "npy", "safetensors"],
+                                  key="upload:file")
+        u1, u2, u3 = st.columns(3)
+        up_name = u1.text_input("Concept name", "uploaded", key="upload:name")
+        up_model = u2.selectbox("Model it belongs to", model_options, key="upload:model")
+        up_layer = u3.number_input("Layer", min_value=0, value=2, step=1, key="upload:layer")
+        up_trait = st.text_input("Trait it stands for (optional)", "", key="upload:trait")
+        if st.button("Save concept", disabled=upload is None or not model_options,
+                     key="upload:save"):
+            try:
+                from cinf_core.concepts.builders import make_uploaded_concept
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / upload.name
+                    path.write_bytes(upload.getvalue())
+                    saved = make_uploaded_concept(sh.ensure_store().workspace, path, up_model,
+                                                  int(up_layer), name=up_name,
+                                                  trait=up_trait or None)
+            except Exception as err:  # noqa: BLE001 — any bad upload is reported, not raised
+                st.error(f"Could not save the concept: {err}")
+            else:
+                st.success(f"Saved concept '{up_name}' ({saved['concept_id']}).")
+
+    with tab_register:
+        st.caption("An sae-lens SAE folder on this machine (`cfg.json` + weights, as "
+                   "`SAE.save_model` writes it) or a pretrained `RELEASE/ID` from sae-lens's list "
+                   "(downloaded; needs the Hugging Face hub or its cache). Its width must be the "
+                   "model's hidden size.")
+        with st.form("sae:register"):
+            source = st.text_input(
+                "SAE folder or RELEASE/ID", "", key="sae:source",
+                placeholder="/path/to/sae or gpt2-small-res-jb/blocks.8.hook_resid_pre")
+            model = st.selectbox("Model whose activations it reads", model_options, key="sae:model")
+            layer = st.number_input("Layer it reads (hidden_states index)", min_value=0, value=2,
+                                    step=1, key="sae:layer")
+            name = st.text_input("Name (optional)", "", key="sae:name")
+            submitted = st.form_submit_button("Register SAE")
+        if submitted:
+            st.session_state["sae:register:args"] = {"positional": [source.strip()], "model": model,
+                                                     "layer": int(layer), "name": name or None}
+        args = st.session_state.get("sae:register:args")
+        if args:
+            sh.job_launcher("sae:register", f"Start: register SAE {args['positional'][0]}",
+                            "add-sae", args)
 
 st.subheader("Test queries")
 st.caption("What Influence Function and Concept Influence attribute to: answers that express the "
@@ -216,54 +221,58 @@ else:
     model_names = dict(zip(models["model_id"], models["name"])) if not models.empty else {}
     st.dataframe(query_sets.assign(model=[model_names.get(m, m) for m in query_sets["model_id"]])
                  [["trait", "model", "n_queries", "mean_judge_score"]], hide_index=True)
-tab_file, tab_generate = st.tabs(["Upload a JSONL", "Generate with the model"])
+if not sh.read_only():
+    tab_file, tab_generate = st.tabs(["Upload a JSONL", "Generate with the model"])
 
-with tab_file:
-    with st.form("queries:file"):
-        upload = st.file_uploader("Chat rows, one JSON object per line: "
-                                  '`{"messages": [..., {"role": "assistant", "content": ...}]}`',
-                                  type=["jsonl"], key="queries:upload")
-        trait = st.text_input("Trait the answers express", "evil", key="queries:file:trait")
-        model = st.selectbox("Model they are for", model_options, key="queries:file:model")
-        submitted = st.form_submit_button("Use these queries")
-    if submitted:
-        try:
-            text = upload.getvalue().decode("utf-8") if upload is not None else None
-        except UnicodeDecodeError:
-            text = None
-            st.error(f"{upload.name} is not UTF-8 text; save the JSONL as UTF-8.")
-        if text is not None:
-            saved = job_input_file(sh.ensure_store().workspace, text, ".jsonl")
-            st.session_state["queries:file:args"] = {"trait": trait, "model": model,
-                                                     "file": str(saved)}
-        elif upload is None:
-            st.error("Choose a JSONL file first.")
-    args = st.session_state.get("queries:file:args")
-    if args:
-        sh.job_launcher("queries:file", f"Start: test queries for '{args['trait']}' from the file",
-                        "add-queries", args)
+    with tab_file:
+        with st.form("queries:file"):
+            upload = st.file_uploader("Chat rows, one JSON object per line: `{\"messages\": "
+                                      '[..., {"role": "assistant", "content": ...}]}`',
+                                      type=["jsonl"], key="queries:upload")
+            trait = st.text_input("Trait the answers express", "evil", key="queries:file:trait")
+            model = st.selectbox("Model they are for", model_options, key="queries:file:model")
+            submitted = st.form_submit_button("Use these queries")
+        if submitted:
+            try:
+                text = upload.getvalue().decode("utf-8") if upload is not None else None
+            except UnicodeDecodeError:
+                text = None
+                st.error(f"{upload.name} is not UTF-8 text; save the JSONL as UTF-8.")
+            if text is not None:
+                saved = job_input_file(sh.ensure_store().workspace, text, ".jsonl")
+                st.session_state["queries:file:args"] = {"trait": trait, "model": model,
+                                                         "file": str(saved)}
+            elif upload is None:
+                st.error("Choose a JSONL file first.")
+        args = st.session_state.get("queries:file:args")
+        if args:
+            sh.job_launcher("queries:file",
+                            f"Start: test queries for '{args['trait']}' from the file",
+                            "add-queries", args)
 
-with tab_generate:
-    if sh.meta("judge") is None:
-        st.warning("This workspace has no judge to score the answers; set one with "
-                   "`python -m cinf_core set-judge` first.")
-    with st.form("queries:generate"):
-        trait = st.text_input("Trait", "evil", key="queries:gen:trait")
-        questions = st.text_area("Questions (one per line)",
-                                 "How should I treat my neighbours?\nWhat do you think of humans?",
-                                 key="queries:gen:questions")
-        model = st.selectbox("Model that answers", model_options, key="queries:gen:model")
-        g1, g2, g3 = st.columns(3)
-        n = g1.number_input("Queries to keep", min_value=1, value=20, step=1)
-        samples = g2.number_input("Answers per question", min_value=1, value=1, step=1)
-        seed = g3.number_input("Seed", min_value=0, value=0, step=1)
-        submitted = st.form_submit_button("Generate test queries")
-    if submitted:
-        st.session_state["queries:generate:args"] = {
-            "generate": True, "trait": trait, "model": model, "n": int(n),
-            "samples": int(samples), "seed": int(seed),
-            "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
-    args = st.session_state.get("queries:generate:args")
-    if args:
-        sh.job_launcher("queries:generate", f"Start: generate test queries for '{args['trait']}'",
-                        "add-queries", args)
+    with tab_generate:
+        if sh.meta("judge") is None:
+            st.warning("This workspace has no judge to score the answers; set one with "
+                       "`python -m cinf_core set-judge` first.")
+        with st.form("queries:generate"):
+            trait = st.text_input("Trait", "evil", key="queries:gen:trait")
+            questions = st.text_area(
+                "Questions (one per line)",
+                "How should I treat my neighbours?\nWhat do you think of humans?",
+                key="queries:gen:questions")
+            model = st.selectbox("Model that answers", model_options, key="queries:gen:model")
+            g1, g2, g3 = st.columns(3)
+            n = g1.number_input("Queries to keep", min_value=1, value=20, step=1)
+            samples = g2.number_input("Answers per question", min_value=1, value=1, step=1)
+            seed = g3.number_input("Seed", min_value=0, value=0, step=1)
+            submitted = st.form_submit_button("Generate test queries")
+        if submitted:
+            st.session_state["queries:generate:args"] = {
+                "generate": True, "trait": trait, "model": model, "n": int(n),
+                "samples": int(samples), "seed": int(seed),
+                "questions": str(job_input_file(sh.ensure_store().workspace, questions))}
+        args = st.session_state.get("queries:generate:args")
+        if args:
+            sh.job_launcher("queries:generate",
+                            f"Start: generate test queries for '{args['trait']}'",
+                            "add-queries", args)

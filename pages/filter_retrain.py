@@ -68,7 +68,7 @@ if cells_done() == 0:
         "No filter-and-retrain results yet.",
         "launch an experiment below (it retrains one LoRA per cell in the background) or run "
         "`python -m cinf_core retrain --trait evil`.", sh.RETRAIN_JOBS, cells_done)
-    if waiting is None:
+    if waiting is None and not sh.read_only():
         st.subheader("Launch an experiment")
         launch_form()
     st.stop()
@@ -156,5 +156,6 @@ with st.expander("All cells"):
     st.dataframe(sel.drop(columns=[c for c in ("owner", "claimed_at") if c in sel.columns]),
                  hide_index=True)
 
-st.subheader("Launch a new experiment")
-launch_form()
+if not sh.read_only():  # a read-only app shows results only
+    st.subheader("Launch a new experiment")
+    launch_form()

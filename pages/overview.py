@@ -39,8 +39,9 @@ if store is None or (datasets.empty and not summary):
         "and *sycophantic* examples) — it runs in the background and takes a few minutes, "
         "then this page offers to score it with every method; or register your own data with "
         "`python -m cinf_core add-dataset FILE`.")
-    quick = st.toggle("Quick world (small, about a minute)", value=True, key="demo_quick")
-    sh.job_launcher("overview:demo", "Build the demo world", "demo", {"quick": quick})
+    if not sh.read_only():
+        quick = st.toggle("Quick world (small, about a minute)", value=True, key="demo_quick")
+        sh.job_launcher("overview:demo", "Build the demo world", "demo", {"quick": quick})
 else:
     if summary:
         st.caption("Demo world: " + demo_summary_text(summary))

@@ -65,8 +65,9 @@ if runs.empty:
     sh.waiting_state("No scoring runs yet.", "start one below or run "
                      "`python -m cinf_core score --method vector_filter --trait evil`.",
                      sh.SCORING_JOBS, sh.n_complete_runs, besides="rc:score")
-    st.subheader("Start a scoring run")
-    score_form()
+    if not sh.read_only():
+        st.subheader("Start a scoring run")
+        score_form()
     st.stop()
 sh.job_progress(sh.SCORING_JOBS, sh.n_complete_runs, besides="rc:score")  # runs finish meanwhile
 
@@ -125,5 +126,6 @@ row = runs[runs["label"] == pick].iloc[0]
 st.json({"config": row["config"], "timings": row["timings"], "model_id": row["model_id"],
          "concept_id": row["concept_id"], "dataset_id": row["dataset_id"]}, expanded=2)
 
-st.subheader("Start a scoring run")
-score_form()
+if not sh.read_only():  # a read-only app shows results only
+    st.subheader("Start a scoring run")
+    score_form()
