@@ -41,6 +41,8 @@ PAGES = ["pages/overview.py", "pages/influential_examples.py", "pages/concepts.p
 RETRAIN = ["retrain", "--trait", "evil", "--methods", "random", "--modes", "most",
            "--fractions", "0.5", "--seeds", "0", "1", "--workers", "1"]
 RETRAIN_CELLS = 5  # base, all x 2 seeds, random x 2 seeds
+ONE_SEED = RETRAIN[:RETRAIN.index("--seeds") + 2] + RETRAIN[RETRAIN.index("--workers"):]
+ONE_SEED_CELLS = 3  # base, all, random
 
 
 def _workspace(path: Path, model_dir) -> Path:
@@ -224,14 +226,16 @@ def test_retrain_worker_killed_mid_cell_resumes_without_counting_a_cell_twice(wo
 
 
 def test_pages_read_while_a_score_run_and_a_retrain_grid_write(workspace, monkeypatch):
-    """Every 0.5 s a page of the app runs (AppTest, all pages in turn) while a retrain grid and
-    scoring runs write the same workspace: no page shows an error or a lock."""
+    """While a retrain grid and scoring runs write the workspace, the app's pages run one after
+    another (AppTest, every page in turn, at most every 0.5 s) and, every 0.5 s, the store reads
+    the pages make run on their own (runs, retrain cells, jobs, the newest run's scores): no page
+    shows an error or a lock, no read fails."""
     from streamlit.testing.v1 import AppTest
 
     t0 = time.perf_counter()
     monkeypatch.setenv("CINF_WORKSPACE", str(workspace))
-    retrain = _start(workspace, *RETRAIN)
-    scored = []
+    retrain = _start(workspace, *ONE_SEED)
+    scored, store_reads, failed_reads = [], [0], []
 
     def scoring_runs():  # new runs (other --max-length) for as long as the grid runs
         length = 200
@@ -241,8 +245,24 @@ def test_pages_read_while_a_score_run_and_a_retrain_grid_write(workspace, monkey
                           "--batch-size", "1", "--max-length", str(length))
             scored.append(_finish(proc)["run_id"])
 
+    def store_reads_every_half_second():
+        reader = Store(workspace, read_only=True)
+        while retrain.poll() is None or writer.is_alive():
+            start = time.monotonic()
+            try:
+                runs = reader.runs()
+                reader.retrain_cells()
+                reader.jobs()
+                reader.scored_examples(runs["run_id"].iloc[-1])
+                store_reads[0] += 1
+            except Exception as err:  # noqa: BLE001 — every failure is counted and shown
+                failed_reads.append(repr(err))
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - start)))
+
     writer = threading.Thread(target=scoring_runs)
     writer.start()
+    raw = threading.Thread(target=store_reads_every_half_second)
+    raw.start()
     at = AppTest.from_file(APP, default_timeout=120)
     reads, problems = 0, []
     try:
@@ -260,14 +280,17 @@ def test_pages_read_while_a_score_run_and_a_retrain_grid_write(workspace, monkey
             time.sleep(max(0.0, 0.5 - (time.monotonic() - start)))
     finally:
         writer.join(timeout=300)
+        raw.join(timeout=60)
         summary = _finish(retrain)
     assert not problems, problems[:3]
-    assert summary["n_cells_complete"] == RETRAIN_CELLS and len(scored) >= 1
-    assert reads >= 2 * len(PAGES)
+    assert not failed_reads, failed_reads[:3]
+    assert summary["n_cells_complete"] == ONE_SEED_CELLS and len(scored) >= 1
+    assert reads >= 2 * len(PAGES) and store_reads[0] >= 20
     store = Store(workspace, read_only=True)
     assert all(store.run(r)["status"] == "complete" for r in scored)
-    print(f"\npages: {reads} page reads in {time.perf_counter() - t0:.1f} s while {len(scored)} "
-          f"scoring runs and a {RETRAIN_CELLS}-cell retrain grid wrote; {len(problems)} errors, "
+    print(f"\npages: {reads} page runs and {store_reads[0]} store reads (every 0.5 s) in "
+          f"{time.perf_counter() - t0:.1f} s while {len(scored)} scoring runs and a "
+          f"{ONE_SEED_CELLS}-cell retrain grid wrote; {len(problems) + len(failed_reads)} errors, "
           "0 lock messages")
 
 
