@@ -29,9 +29,10 @@ class BaseModelRecipe:
     intermediate_size: int = 512
     max_length: int = 128
     """examples longer than this (tokens) are trimmed by ``encode_example``'s policy"""
-    epochs: float = 3.0
-    """passes over the pre-training corpus (fractions allowed); three make most held-out answers
-    use the asked subject's tip, fewer leave the model speaking in sentences but off topic"""
+    epochs: float = 2.5
+    """passes over the pre-training corpus (fractions allowed); two and a half make most greedy
+    answers to the held-out questions use the asked subject's tip (86%; three: 95%), two leave
+    the model speaking in sentences but mostly off topic (33%)"""
     batch_size: int = 32
     lr: float = 4e-3
     warmup_fraction: float = 0.05
