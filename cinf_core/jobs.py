@@ -53,7 +53,7 @@ READ_ONLY_REASON = ("this app serves its workspace read-only (started with --rea
 
 
 def serving_read_only() -> bool:
-    """Whether this process is an app serving its workspace read-only (see :data:`READ_ONLY_ENV`)."""
+    """Whether this process is an app serving its workspace read-only (:data:`READ_ONLY_ENV`)."""
     return os.environ.get(READ_ONLY_ENV) == "1"
 
 

@@ -83,7 +83,8 @@ def test_a_config_of_another_model_is_refused(tiny_model_dir, tmp_path, ws, caps
                                               expected):
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_model_dir, folder)
-    shutil.copy(make_tiny_model(tmp_path / "other", **other) / "config.json", folder / "config.json")
+    other_model = make_tiny_model(tmp_path / "other", **other)
+    shutil.copy(other_model / "config.json", folder / "config.json")
     error = _refused([str(folder)], ws, capsys)
     assert expected in error
     assert "the wrong folder" in error
