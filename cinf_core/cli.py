@@ -128,8 +128,9 @@ def _app(p: argparse.ArgumentParser):
             from .jobs import active_jobs, start_job
             from .store import Store
 
-            missing = results_missing(args.workspace)
-            if missing and not active_jobs(Store(args.workspace), ("results",)):
+            store = Store(args.workspace)
+            missing = results_missing(store)
+            if missing and not active_jobs(store, ("results",)):
                 start_job(args.workspace, "results", {})
                 print(f"computing in the background ({', '.join(missing)}); the pages fill in as "
                       "each part is stored (see Overview > Background jobs)", file=sys.stderr)

@@ -25,7 +25,7 @@ st.markdown(
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _results_missing(ws: str, ver: str) -> list[str]:
-    return results_missing(ws)
+    return results_missing(sh.store())
 
 
 store = sh.store()

@@ -1,5 +1,6 @@
 """Which stored runs the evaluation and the results job read: one per method key."""
 import numpy as np
+import pytest
 
 from cinf_core.experiments.evaluate import ensure_runs, evaluate, latest_runs, result_methods
 from cinf_core.store import Store
@@ -70,3 +71,16 @@ def test_the_scoring_stage_says_which_run_of_the_job_it_is(tmp_path, monkeypatch
     assert runs == {"evil": {"random": "random", "vector_filter": "vector_filter"}}
     assert seen == ["Random for evil (1 of 2) · score random",
                     "Vector Filter for evil (2 of 2) · score vector_filter"]
+
+
+@pytest.mark.slow
+def test_what_the_results_job_still_has_to_compute(quick_world):
+    """A fresh demo world: every method's run and every cell of the small grid, per trait."""
+    from cinf_core.experiments.evaluate import results_missing
+
+    n = len(result_methods())
+    assert results_missing(Store(quick_world)) == [
+        f"evil: {n} scoring runs", "evil: 19 retrain cells",
+        f"sycophantic: {n} scoring runs", "sycophantic: 19 retrain cells"]
+    assert results_missing(Store(quick_world), retrain_grid=None) == [
+        f"evil: {n} scoring runs", f"sycophantic: {n} scoring runs"]

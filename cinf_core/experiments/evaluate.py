@@ -125,10 +125,10 @@ def _retrain_all(workspace, store: Store, traits: list[str], retrain_grid, progr
             for trait in traits}
 
 
-def results_missing(workspace, retrain_grid=results_grid) -> list[str]:
-    """What :func:`compute_results` would still compute, one phrase per trait and part
-    (``"evil: 3 scoring runs"``, ``"evil: 19 retrain cells"``); empty when nothing."""
-    store = Store(workspace)
+def results_missing(store: Store, retrain_grid=results_grid) -> list[str]:
+    """What :func:`compute_results` would still compute in ``store``'s workspace (reads only),
+    one phrase per trait and part (``"evil: 3 scoring runs"``, ``"evil: 19 retrain cells"``);
+    empty when nothing."""
     can_retrain = retrain_grid is not None and retrain_unavailable(store) is None
     out = []
     for trait in store.traits():
