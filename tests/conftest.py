@@ -96,3 +96,23 @@ def store_snapshot(workspace) -> dict:
     snapshot["artifacts"] = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")
                                    if p.is_file())
     return snapshot
+
+
+def wait_until_serving(proc, base: str, log_name: str, stop, timeout_s: float = 90.0) -> None:
+    """Poll a started Streamlit server's health URL until it answers ``ok``; if the process ends
+    or ``timeout_s`` passes first, ``stop()`` it and raise, pointing at its log."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop()
+            raise RuntimeError(f"the app did not start; see {log_name}")
+        time.sleep(0.5)

@@ -8,14 +8,13 @@ saves a screenshot per page under ``test-output/screenshots/`` (git-ignored).
 import os
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cinf_core.cli import streamlit_command
 
+from conftest import wait_until_serving
 from workspace_fixture import build_workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -58,18 +57,7 @@ def server(tmp_path_factory, tiny_model_dir):
         streamlit_command("127.0.0.1", port) + ["--server.fileWatcherType", "none"],
         cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"streamlit did not start; see {log.name}")
-        time.sleep(0.5)
+    wait_until_serving(proc, base, log.name, stop=proc.kill)
     yield base
     proc.terminate()
     try:

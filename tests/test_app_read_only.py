@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from cinf_core import cli, jobs
 from cinf_core.store import Store, WorkspaceWriteError
-from conftest import store_snapshot
+from conftest import store_snapshot, wait_until_serving
 from workspace_fixture import build_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,18 +135,7 @@ def read_only_server(workspace, tmp_path_factory):
         cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"the app did not start; see {log.name}")
-        time.sleep(0.5)
+    wait_until_serving(proc, base, log.name, stop=lambda: os.killpg(proc.pid, signal.SIGKILL))
     yield base
     os.killpg(proc.pid, signal.SIGTERM)  # the command and the server it started
     try:
