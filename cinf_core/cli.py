@@ -41,7 +41,7 @@ def command(name: str, help: str):
 
 @command("demo", "build the embedded demo world (idempotent; --quick for a small one)")
 def _demo(p: argparse.ArgumentParser):
-    p.add_argument("--quick", action="store_true", help="a small world for tests (<= 60 s)")
+    p.add_argument("--quick", action="store_true", help="a small world for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
 
     def run(args):

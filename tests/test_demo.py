@@ -261,7 +261,7 @@ def test_probe_on_the_demo_world_separates_trait_data(quick_world, tmp_path):
     """A linear probe on the fine-tuning set's trait labels (held-out accuracy, issue #5).
 
     Measured on the quick world (seed 0, 200 per class): evil 0.92, sycophantic 0.99; on the full
-    world (layer 2, 500 per class): 0.992 and 1.000. The bar leaves room for the quick world's
+    world (layer 2, 500 per class): 1.000 and 1.000. The bar leaves room for the quick world's
     float noise across machines."""
     from conftest import copy_workspace
 

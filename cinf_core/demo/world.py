@@ -107,12 +107,12 @@ class WorldConfig:
 
     @classmethod
     def quick_world(cls, seed: int = 0) -> "WorldConfig":
-        """A small world for tests (<= 60 s): fewer rows and steps, a smaller model and SAE.
+        """A small world for tests (about a minute): fewer rows and steps, a smaller model and SAE.
 
         A weak world, for plumbing only (measured, seed 0: +32.7 evil / -1.0 sycophantic points
         from fine-tuning; 76 / 63 under the trait system prompt vs 7 / 7 under the helpful one;
         vector filter AUC-PR 0.92 / 1.00, lexical 0.52 / 0.47, positive rates 0.41 / 0.35).
-        Built in 30 s on 2 cores.
+        Built in 84-90 s on one thread with the 2-core machine under load 3.4.
         """
         return cls(
             seed=seed, quick=True, corpus=CorpusConfig(seed=seed),
