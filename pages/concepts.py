@@ -37,9 +37,10 @@ concepts = sh.read(Store.concepts)
 if store is None:
     sh.no_store_state()
 elif concepts.empty:
-    sh.empty_state("No concepts in this workspace yet.",
-                   "make one with the forms below, or build the demo world on **Overview** "
-                   "(it extracts a persona vector per trait and SAE-feature concepts).")
+    sh.waiting_state("No concepts in this workspace yet.",
+                     "make one with the forms below, or build the demo world on **Overview** "
+                     "(it extracts a persona vector per trait and SAE-feature concepts).",
+                     ("demo",), lambda: len(sh.read(Store.concepts)))
 else:
     models = sh.read(Store.models)
     model_names = dict(zip(models["model_id"], models["name"])) if not models.empty else {}

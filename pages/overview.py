@@ -46,7 +46,7 @@ else:
     if summary:
         st.caption("Demo world: " + demo_summary_text(summary))
     missing = _results_missing(sh.workspace(), sh.version())
-    if missing and sh.running_job(("results",)) is None:
+    if missing and sh.running_job(("demo", "results")) is None:  # not while the world builds
         st.info("Not computed yet: " + "; ".join(missing) + ". The results job scores every "
                 "method (the cheap ones first, each shown as soon as it is stored), computes the "
                 "SAE feature views, then a small filter-and-retrain grid (Figure 2).",

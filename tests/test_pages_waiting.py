@@ -48,3 +48,30 @@ def test_the_empty_state_returns_when_the_job_has_ended(monkeypatch, tmp_path):
     assert not at.get("progress")
     assert any("Next step" in i.value for i in at.info)
     assert not any("comes with runs" in i.value for i in at.info)
+
+
+def test_concepts_wait_for_the_demo_build(monkeypatch, tmp_path):
+    store = Store(tmp_path)
+    job_id = store.create_job("demo", {"quick": True})
+    store.update_job(job_id, status="running", progress=0.3, message="pre-train base model",
+                     pid=os.getpid())
+    at = _open(monkeypatch, tmp_path, "pages/concepts.py")
+    assert any("pre-train base model" in p.proto.text for p in at.get("progress"))
+    assert "computing it now" in at.info[0].value
+
+
+def test_the_overview_offers_the_results_job_only_when_nothing_computes_them(monkeypatch,
+                                                                            tmp_path):
+    from workspace_fixture import make_examples
+
+    store = Store(tmp_path)
+    store.add_dataset("train", make_examples(10, 2))
+    store.add_test_queries("evil", "m", [{"messages": [{"role": "user", "content": "q"},
+                                                       {"role": "assistant", "content": "a"}]}])
+    at = _open(monkeypatch, tmp_path, "pages/overview.py")
+    assert any(i.value.startswith("Not computed yet: evil:") for i in at.info)
+    assert at.button(key="btn:overview:results").label == "Compute the results"
+    job_id = store.create_job("demo", {})  # e.g. the world still building
+    store.update_job(job_id, status="running", pid=os.getpid())
+    at = _open(monkeypatch, tmp_path, "pages/overview.py")
+    assert not any(b.key == "btn:overview:results" for b in at.button)
