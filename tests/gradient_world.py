@@ -49,10 +49,15 @@ def make_world(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     trait_every: int = 0,
+    heads: int = 2,
+    kv_heads: int | None = None,
+    tie: bool = False,
 ) -> World:
     """Random tiny Llama (``attention_bias`` covers Linear biases) + encoded train/query chats.
 
-    With ``trait_every=k`` every k-th training answer is a trait answer and every query is one."""
+    With ``trait_every=k`` every k-th training answer is a trait answer and every query is one.
+    ``kv_heads < heads`` gives grouped-query attention (k/v projections narrower than q) and
+    ``tie=True`` ties the output head to the token embeddings, as in SmolLM2 and Qwen2.5."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -64,11 +69,13 @@ def make_world(
     tok = train_tokenizer(texts, vocab_size=150)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=64, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, bos_token_id=None, attention_bias=bias,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     if bias:
         # HF initialises biases to zero; random ones make the bias column of [W | b] non-trivial.
         with torch.no_grad():

@@ -18,7 +18,9 @@ from cinf_core.curvature import (
 )
 from cinf_core.curvature.lm import response_losses
 from cinf_core.data import collate
-from cinf_core.methods.gradient import influence_function
+from cinf_core.concepts import DirectionConcept
+from cinf_core.methods.gradient import concept_influence, influence_function
+from cinf_core.models import hidden_states_at
 from gradient_world import make_world
 
 
@@ -196,7 +198,13 @@ def _exact_gauss_newton(lm, modules, examples):
     return total / len(examples)
 
 
-def test_ekfac_influence_matches_exact_gauss_newton_inverse():
+# A SmolLM2/Qwen2.5-shaped tiny Llama: output head tied to the embeddings, 4 query heads sharing
+# 2 key/value heads (k_proj, v_proj half as wide as q_proj).
+REAL_SHAPE = dict(tie=True, heads=4, kv_heads=2, n_train=128)
+
+
+@pytest.mark.parametrize("shape", [{}, REAL_SHAPE], ids=["untied-mha", "tied-gqa"])
+def test_ekfac_influence_matches_exact_gauss_newton_inverse(shape):
     """EK-FAC IF (sampled Fisher, Kronfluence's damping 0.1 x mean eigenvalue per module) vs the exact
     inverse of the dense damped Gauss-Newton matrix over block 1's attention [W | b] (288
     parameters, 256 examples, 6 queries).
@@ -207,13 +215,19 @@ def test_ekfac_influence_matches_exact_gauss_newton_inverse():
     - the full Gauss-Newton with its cross-module blocks: measured 0.69-0.86, where the exact
       block-diagonal inverse itself reaches only 0.76-0.89 and gradient similarity (H = I) 0.47-0.76.
       The gap is the block-diagonal approximation that every EK-FAC (Kronfluence's too) makes.
+
+    ``tied-gqa`` repeats it on the shape of a real chat model (tied head, grouped-query attention),
+    with 128 examples to keep it fast.
     """
-    world = make_world(n_train=256, n_queries=6, hidden=8, layers=2)
+    world = make_world(**{"n_train": 256, "n_queries": 6, "hidden": 8, "layers": 2, **shape})
     cfg = CurvatureConfig(fisher="sampled", kinds="attn", block_start=1, damping=0.1, batch_size=16)
     lm = world.lm
     factors = fit_factors(lm, world.train, cfg)
     modules = factors.tracked_modules(lm.model)
     assert len(modules) == 4 and all(m.bias is not None for m in modules.values())
+    if shape:
+        assert modules["model.layers.1.self_attn.k_proj"].out_features * 2 == \
+            modules["model.layers.1.self_attn.q_proj"].out_features
     ours = influence_function(lm, world.train, world.queries, factors, per_query=True).T
 
     gauss_newton = _exact_gauss_newton(lm, modules, world.train)
@@ -244,6 +258,19 @@ def test_ekfac_influence_matches_exact_gauss_newton_inverse():
     similarity_vs_full = rho((query_grads @ train_grads.T).numpy(), exact_full)
     assert vs_full.mean() >= block_vs_full.mean() - 0.1, (vs_full, block_vs_full)
     assert vs_full.mean() >= similarity_vs_full.mean() + 0.15, (vs_full, similarity_vs_full)
+
+    # Concept Influence against the same exact damped inverse: -grad f_c^T (G + lambda)^-1 grad L_i,
+    # f_c the mean projection of hidden_states[2] (block 1's output) on a random direction.
+    concept = DirectionConcept(name="c", layer=2,
+                               vector=torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3)))
+    ci = concept_influence(lm, world.train, world.queries, factors, concept)
+    batch = collate(world.queries, lm.pad_token_id)
+    hidden = hidden_states_at(lm.model, batch["input_ids"], batch["attention_mask"], [2])[2]
+    params = [p for m in modules.values() for p in (m.weight, m.bias)]
+    g_f = _flatten(modules, torch.autograd.grad(concept.measure(hidden, batch["response_mask"]).mean(),
+                                                params)).double()
+    exact_ci = -(g_f @ torch.linalg.solve(block_diagonal + torch.diag(damping), train_grads.T)).numpy()
+    assert spearmanr(ci, exact_ci).statistic >= 0.9
 
 
 def test_fit_does_not_depend_on_batch_size(world, monkeypatch):
