@@ -696,6 +696,13 @@ def _say_auc_pr(result: dict) -> None:
               file=sys.stderr)
         for method, value in sorted(per_method.items(), key=lambda kv: -kv[1]):
             print(f"  {method:24s} {value:.3f}", file=sys.stderr)
+        two_sided = result.get("two_sided", {}).get(trait)
+        if two_sided:
+            print(f"Both ends for {trait}, signed methods: share of the {trait} rows in the top / "
+                  f"bottom tenth (chance 10%), AUC-PR of score / |score|", file=sys.stderr)
+            for method, d in two_sided.items():
+                print(f"  {method:24s} {d['top_recall']:6.1%} / {d['bottom_recall']:6.1%}   "
+                      f"{d['auc_pr']:.3f} / {d['auc_pr_abs']:.3f}", file=sys.stderr)
 
 
 @command("results", "score every method for every trait, then the SAE feature views, the "

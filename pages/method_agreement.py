@@ -6,8 +6,8 @@ import streamlit as st
 
 from cinf_core.methods import registry
 from cinf_core.store import Store
-from cinf_core.views.agreement import (correlation_frame, example_labels, pair_frame, retrieval,
-                                       score_matrix)
+from cinf_core.views.agreement import (TWO_SIDED_COLUMNS, correlation_frame, example_labels,
+                                       pair_frame, retrieval, score_matrix, two_sided)
 from cinf_core.views.examples import thin_for_scatter
 from cinf_core.views.labels import guess_trait_label, label_colors
 from pages import _shared as sh
@@ -30,6 +30,14 @@ def _correlation(ws: str, ver: str, runs: tuple[tuple[str, str], ...], kind: str
 def _retrieval(ws: str, ver: str, runs: tuple[tuple[str, str], ...], positive: str):
     """AUC-PR per method and the precision-recall curves for one positive label."""
     return retrieval(*_scores(ws, ver, runs), positive)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _two_sided(ws: str, ver: str, runs: tuple[tuple[str, str], ...], positive: str,
+               signed: tuple[str, ...]):
+    """The two-sidedness diagnostic of the signed runs (their labels) for one positive label."""
+    matrix, origins = _scores(ws, ver, runs)
+    return two_sided(matrix[list(signed)], origins, positive)
 
 
 sh.header("Method agreement", "Figure 3: correlation between the methods' scores over the same "
@@ -119,3 +127,38 @@ fig.update_xaxes(title="recall (share of labelled examples found)", range=[0, 1]
 fig.update_yaxes(title="precision (share of retrieved that are labelled)", range=[0, 1.02])
 with t2:
     sh.chart(sh.style_fig(fig, 380), key="ma:pr")
+
+st.subheader("Both ends of the ranking (signed methods)")
+st.caption("A signed score (" + registry.SIGN_CONVENTION.split(";")[0] + ") can put the "
+           "labelled rows at the top, at the bottom, or at both ends: then ranking by |score| "
+           "retrieves them better than the score does. Random and other unsigned baselines are "
+           "left out.")
+signed = tuple(labels_of[m] for m in scope["method"] if registry.is_signed(m))
+if not signed:
+    sh.empty_state("None of these methods gives a signed score.",
+                   "score the trait with a signed method (Concept Influence, Vector Filter, ...) "
+                   "on **Runs & cost**.")
+    st.stop()
+sides = _two_sided(sh.workspace(), sh.version(), key, positive, signed)
+share = st.radio("Bars show", ["share of trait rows", "share labelled"], horizontal=True,
+                 key="ma:ends",
+                 help="Share of the label's rows that fall in each tenth (chance: 10%), or share "
+                      "of the tenth's rows that carry the label (chance: the label's share).")
+chance = sides.tail if share == "share of trait rows" else sides.positive_rate
+b1, b2 = st.columns([3, 2])
+fig = px.bar(sides.bars, x="method", y=share, color="end", barmode="group",
+             color_discrete_map={"top tenth": "#D55E00", "bottom tenth": "#0072B2"},
+             title=f"{positive} rows at the top and the bottom tenth of each ranking")
+fig.add_hline(y=chance, line_dash="dash", line_color="#7F7F7F",
+              annotation_text=f"chance ({chance:.0%})")
+fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+fig.update_xaxes(title=None)
+with b1:
+    sh.chart(sh.style_fig(fig, 380), key="ma:ends-chart")
+b2.dataframe(sides.table, hide_index=True, column_config={
+    title: st.column_config.NumberColumn(format="%.3f" if title.startswith("AUC") else "percent")
+    for title in TWO_SIDED_COLUMNS.values()})
+b2.caption(f"Each tenth is {sides.tail:.0%} of the examples; `{positive}` is "
+           f"{sides.positive_rate:.1%} of them. *Trait rows in ... tenth*: share of the "
+           f"`{positive}` rows that land there; *... tenth labelled*: share of the tenth that is "
+           f"`{positive}`.")

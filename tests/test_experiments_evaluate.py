@@ -84,3 +84,36 @@ def test_what_the_results_job_still_has_to_compute(quick_world):
         f"sycophantic: {n} scoring runs", "sycophantic: 19 retrain cells"]
     assert results_missing(Store(quick_world), retrain_grid=None) == [
         f"evil: {n} scoring runs", f"sycophantic: {n} scoring runs"]
+
+
+def test_signed_methods_get_the_two_sidedness_diagnostic(tmp_path, capsys):
+    """The registry says which methods are signed (Random and Lexical are not); the evaluation
+    reads both ends of each signed run, and the CLI prints them."""
+    from cinf_core.cli import _say_auc_pr
+    from cinf_core.experiments.metrics import two_sidedness
+    from cinf_core.methods.registry import is_signed, method_keys
+
+    assert {k for k in method_keys() if not is_signed(k)} == {"lexical", "random"}
+    assert is_signed("concept_influence@start3") and not is_signed("no_such_method")
+    store = Store(tmp_path / "ws")
+    data = make_examples(40, 8)
+    dataset_id = store.add_dataset("train", data)
+    labels = np.array([ex.label == "evil" for ex in data.examples])
+    rng = np.random.default_rng(0)
+    ends = np.where(labels, np.where(np.arange(40) % 2 == 0, 5.0, -5.0), rng.uniform(-1, 1, 40))
+    for method, scores in (("concept_influence", ends), ("vector_filter", labels * 3.0),
+                           ("random", rng.normal(size=40)), ("lexical", labels * 1.0)):
+        _add_run(store, method, dataset_id, "m", None if method == "random" else "c", "evil",
+                 scores)
+    result = evaluate(tmp_path / "ws", ["evil"])
+    both = result["two_sided"]["evil"]
+    assert set(both) == {"concept_influence", "vector_filter"}
+    assert both["concept_influence"] == pytest.approx(two_sidedness(ends, labels))
+    assert both["concept_influence"]["auc_pr_abs"] == pytest.approx(1.0)
+    assert both["concept_influence"]["auc_pr"] < 0.8
+    assert both["vector_filter"]["bottom_recall"] == 0.0
+    _say_auc_pr(result)
+    err = capsys.readouterr().err
+    assert "Both ends for evil" in err
+    line = [ln for ln in err.splitlines() if ln.strip().startswith("concept_influence ")][-1]
+    assert f"{both['concept_influence']['top_recall']:.1%}" in line and "1.000" in line

@@ -201,6 +201,33 @@ def test_method_agreement_toggles_and_pairs(monkeypatch, workspace):
     assert auc["Concept Influence"] > auc["Random"]
 
 
+def test_method_agreement_shows_both_ends_of_the_signed_rankings(monkeypatch, workspace):
+    """The two-sidedness section: a row per signed method (the registry leaves Random out), the
+    numbers the engine's metric gives on the stored scores, and grouped bars per method."""
+    from cinf_core.experiments.metrics import two_sidedness
+    from cinf_core.methods.registry import is_signed, method_label
+    from cinf_core.store import Store
+
+    at = open_page(monkeypatch, workspace, "pages/method_agreement.py")
+    assert "Both ends of the ranking (signed methods)" in [s.value for s in at.subheader]
+    table = at.dataframe[1].value.set_index("method")
+    store = Store(workspace, read_only=True)
+    runs = store.runs(status="complete")
+    evil = {r["method"]: r["run_id"] for r in runs.to_dict(orient="records")
+            if store.run(r["run_id"])["config"]["trait"] == "evil"}
+    assert set(table.index) == {method_label(m) for m in evil if is_signed(m)}
+    assert "Random" not in table.index and "Concept Influence" in table.index
+    frame = store.scored_examples(evil["concept_influence"]).sort_values("idx")
+    want = two_sidedness(frame["score"].to_numpy(), (frame["data_origin"] == "evil").to_numpy())
+    row = table.loc["Concept Influence"]
+    assert row["trait rows in top tenth"] == pytest.approx(want["top_recall"])
+    assert row["bottom tenth labelled"] == pytest.approx(want["bottom_label_share"])
+    assert row["AUC-PR of |score|"] == pytest.approx(want["auc_pr_abs"])
+    assert len(at.get("plotly_chart")) == 4  # heatmap, pair, precision-recall, both ends
+    at.radio(key="ma:ends").set_value("share labelled").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 4
+
+
 def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
     at = open_page(monkeypatch, workspace, "pages/filter_retrain.py")
     assert len(at.get("plotly_chart")) == 2

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..methods.registry import figure4_keys, method_key, method_keys, method_label
+from ..methods.registry import figure4_keys, is_signed, method_key, method_keys, method_label
 from ..store import Store
-from .metrics import auc_pr, correlation_matrix
+from .metrics import auc_pr, correlation_matrix, two_sidedness
 from .retrain import cells_missing, results_grid, retrain_unavailable, run_grid
 
 
@@ -55,12 +55,16 @@ def _within(progress, step: str):
 
 def evaluate(workspace, traits: list[str] | None = None) -> dict:
     """AUC-PR of each method's scores against ``data_origin == trait`` and correlations between
-    methods, per trait (only methods with a complete run over the same dataset)."""
+    methods, per trait (only methods with a complete run over the same dataset); for each signed
+    method (:attr:`Method.signed`) the two-sidedness diagnostic under ``two_sided`` (the trait's
+    share of the top and bottom tenths, AUC-PR of the score and of its magnitude; see
+    :func:`~cinf_core.experiments.metrics.two_sidedness`)."""
     store = Store(workspace)
     traits = traits or store.traits()
     if not traits:
         raise ValueError("no traits in this workspace; build the demo world or add test queries")
-    result: dict = {"auc_pr": {}, "positive_rate": {}, "spearman": {}, "pearson": {}, "runs": {}}
+    result: dict = {"auc_pr": {}, "positive_rate": {}, "spearman": {}, "pearson": {}, "runs": {},
+                    "two_sided": {}}
     for trait in traits:
         runs = latest_runs(store, trait)
         if not runs:
@@ -77,6 +81,8 @@ def evaluate(workspace, traits: list[str] | None = None) -> dict:
         result["positive_rate"][trait] = float(np.mean(labels))
         if labels.any():
             result["auc_pr"][trait] = {m: auc_pr(s, labels) for m, s in scores.items()}
+            result["two_sided"][trait] = {m: two_sidedness(s, labels) for m, s in scores.items()
+                                          if is_signed(m)}
         result["spearman"][trait] = correlation_matrix(scores, "spearman")
         result["pearson"][trait] = correlation_matrix(scores, "pearson")
     return result

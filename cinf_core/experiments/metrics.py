@@ -26,6 +26,45 @@ def auc_pr(scores: Sequence[float], positives: Sequence[bool]) -> float:
     return float(precision_at_hits.sum() / n_pos)
 
 
+def _tail_hits(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
+    """Positives among the ``k`` highest scores; ties at the cut are shared out at random (their
+    expected count), so a constant score puts the positive rate in every tail."""
+    cut = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th highest score
+    above, at = scores > cut, scores == cut
+    return float(positives[above].sum() + (k - above.sum()) * positives[at].sum() / at.sum())
+
+
+def two_sidedness(scores: Sequence[float], positives: Sequence[bool], tail: float = 0.1) -> dict:
+    """Where a signed score puts the positives: at the top, at the bottom, or at both ends.
+
+    The top and bottom tails are the ``tail`` share of examples (rounded, at least one) with the
+    highest and the lowest scores. Returns
+
+    - ``top_label_share`` / ``bottom_label_share``: share of the tail's examples that are
+      positive (precision at that end; a random ranking gives ``positive_rate``);
+    - ``top_recall`` / ``bottom_recall``: share of the positives that fall in the tail (a random
+      ranking gives ``tail``);
+    - ``auc_pr``: AUC-PR of the score; ``auc_pr_abs``: AUC-PR of ``|score|``, which ranks both
+      ends first (higher than ``auc_pr`` when the positives sit at both ends);
+    - ``positive_rate``, ``tail`` (the share actually taken, ``n_tail / n``) and ``n_tail``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives, dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.shape[0]} scores but {y.shape[0]} labels")
+    if not 0 < tail <= 0.5:
+        raise ValueError(f"tail must be a share in (0, 0.5], got {tail}")
+    n, n_pos = len(s), int(y.sum())
+    if n_pos == 0:
+        raise ValueError("no positive labels: the tails' label shares are undefined")
+    k = max(1, int(np.floor(tail * n + 0.5)))
+    top, bottom = _tail_hits(s, y, k), _tail_hits(-s, y, k)
+    return {"top_label_share": top / k, "bottom_label_share": bottom / k,
+            "top_recall": top / n_pos, "bottom_recall": bottom / n_pos,
+            "auc_pr": auc_pr(s, y), "auc_pr_abs": auc_pr(np.abs(s), y),
+            "positive_rate": n_pos / n, "tail": k / n, "n_tail": k}
+
+
 def precision_recall_curve(scores: Sequence[float], positives: Sequence[bool],
                            n_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """``(recall, precision)`` along the ranking, subsampled to at most ``n_points``."""

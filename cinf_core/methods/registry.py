@@ -109,6 +109,13 @@ def method_key(method: str, config: Mapping | None = None) -> str:
     return method if found is None else found.variant(config or {}).key
 
 
+def is_signed(key: str) -> bool:
+    """Whether a method key's scores are signed (:attr:`Method.signed`); False for a key no
+    registered method knows (its sign convention is unknown here)."""
+    found = find_method(key)
+    return found is not None and found.signed
+
+
 def figure4_keys() -> list[str]:
     """Method keys whose runs are attributed to SAE features (Figure 4)."""
     return [m.key for m in registered() if m.in_figure4]

@@ -1,5 +1,6 @@
 """Methods side by side over the same training set (Figure 3): their scores as one matrix, the
-correlations between them, and how well each retrieves the labelled trait data (AUC-PR)."""
+correlations between them, how well each retrieves the labelled trait data (AUC-PR), and where
+each signed method puts that data (top, bottom or both ends of its ranking)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from ..experiments.metrics import auc_pr, correlation_matrix, precision_recall_curve
+from ..experiments.metrics import (auc_pr, correlation_matrix, precision_recall_curve,
+                                   two_sidedness)
 
 
 def score_matrix(score_frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -66,3 +68,48 @@ def retrieval(matrix: pd.DataFrame, labels: pd.Series, positive: str) -> Retriev
         curves.append(pd.DataFrame({"recall": recall, "precision": precision, "method": name}))
     return Retrieval(pd.DataFrame(rows, columns=["method", "AUC-PR", "× chance"]),
                      pd.concat(curves, ignore_index=True), rate)
+
+
+TWO_SIDED_COLUMNS = {"top_recall": "trait rows in top tenth", "bottom_recall":
+                     "trait rows in bottom tenth", "top_label_share": "top tenth labelled",
+                     "bottom_label_share": "bottom tenth labelled", "auc_pr": "AUC-PR",
+                     "auc_pr_abs": "AUC-PR of |score|"}
+"""The two-sidedness table's columns, from :func:`~cinf_core.experiments.metrics.two_sidedness`'s
+keys: ``trait rows in ... tenth`` is the share of the label's rows that fall there (chance: the
+tail, 10%); ``... tenth labelled`` is the share of the tenth's rows that carry the label
+(chance: the label's share of the data)."""
+
+
+@dataclass(frozen=True)
+class TwoSided:
+    """Where each signed run puts the examples of one label: top, bottom or both ends."""
+
+    table: pd.DataFrame
+    """``method`` and the :data:`TWO_SIDED_COLUMNS` per run."""
+    bars: pd.DataFrame
+    """``method, end (top tenth / bottom tenth), share of trait rows, share labelled``: one row
+    per run and end, for grouped bars."""
+    positive_rate: float
+    """The label's share of the examples (the chance level of the ``labelled`` shares)."""
+    tail: float
+    """The share of examples in each end (chance level of the ``trait rows`` shares)."""
+
+
+def two_sided(matrix: pd.DataFrame, labels: pd.Series, positive: str,
+              tail: float = 0.1) -> TwoSided:
+    """The two-sidedness diagnostic of every run (column of ``score_matrix``; pass the signed
+    runs only) for the examples labelled ``positive``; ``labels`` is aligned with the rows."""
+    is_pos = (labels == positive).to_numpy()
+    found = {name: two_sidedness(matrix[name].to_numpy(), is_pos, tail) for name in matrix.columns}
+    table = pd.DataFrame([{"method": name, **{title: got[key]
+                                              for key, title in TWO_SIDED_COLUMNS.items()}}
+                          for name, got in found.items()],
+                         columns=["method", *TWO_SIDED_COLUMNS.values()])
+    bars = pd.DataFrame([{"method": name, "end": f"{end} tenth",
+                          "share of trait rows": got[f"{end}_recall"],
+                          "share labelled": got[f"{end}_label_share"]}
+                         for name, got in found.items() for end in ("top", "bottom")],
+                        columns=["method", "end", "share of trait rows", "share labelled"])
+    any_run = next(iter(found.values()), None)
+    return TwoSided(table, bars, float(is_pos.mean()) if len(is_pos) else float("nan"),
+                    any_run["tail"] if any_run else tail)
