@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -43,6 +44,8 @@ from .tape import LinearTape, eval_mode, grad_shape
 FACTORS_FILE = "factors.safetensors"
 FACTORS_META_FILE = "factors.json"
 LAMBDA_CHUNK_BYTES = 512 * 2**20
+SAMPLE_CACHE_TOKENS = 2**26
+"""Sampled labels kept between the two passes of a fit (int32 each: 256 MiB at most)."""
 
 LossFn = Callable[[nn.Module, dict, list[int]], torch.Tensor]
 
@@ -172,6 +175,7 @@ def fit_ekfac(
     loss_fn: LossFn,
     progress: ExamplesDoneFn = None,
     comm=None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, ModuleFactors], int, int]:
     """Fit EK-FAC for ``modules`` with two passes over ``make_batches()``.
 
@@ -183,7 +187,13 @@ def fit_ekfac(
     ``comm`` (a :class:`cinf_core.methods.distributed.Communicator`) fits across processes: each
     rank passes its own batches; covariances, counts and the eigenvalue correction are summed
     over ranks and the eigendecompositions are spread over them by module.
+
+    ``timings`` (a dict) receives where the time went, in seconds: ``covariance_pass_s`` and
+    ``lambda_pass_s`` (each pass in all), of which ``covariances_s`` and ``lambda_updates_s`` were
+    spent on the gradients (masking, covariance products; rotated per-example gradients), and
+    ``eigh_s`` (the eigendecompositions).
     """
+    clock = {} if timings is None else timings
     cov_a: dict[str, torch.Tensor] = {}
     cov_s: dict[str, torch.Tensor] = {}
     if comm is not None:  # every rank needs every accumulator, even one that saw no data
@@ -202,6 +212,7 @@ def fit_ekfac(
 
     n_examples = n_tokens = 0
     with eval_mode(model):
+        start = time.perf_counter()
         with LinearTape(modules, accumulate_covariances) as tape:
             for indices, batch in make_batches():
                 mask = batch.get("attention_mask")
@@ -211,6 +222,7 @@ def fit_ekfac(
                 n_examples += len(indices)
                 if progress is not None:
                     progress(len(indices))
+        clock["covariances_s"] = tape.seconds
         if comm is not None:
             comm.sum_tensors(cov_a)
             comm.sum_tensors(cov_s)
@@ -222,14 +234,17 @@ def fit_ekfac(
                 f"no gradient reached module(s) {missing[:5]}; they do not influence the training loss, "
                 "exclude them from the selection"
             )
+        clock["covariance_pass_s"] = time.perf_counter() - start
         # Only the eigenvectors are used (the eigenvalues come from the correction pass), so the
         # sums need no normalisation.
+        start = time.perf_counter()
         if comm is not None:
             vecs_a, vecs_s = comm.eigh(cov_a), comm.eigh(cov_s)
         else:
             vecs_a = {n: torch.linalg.eigh(cov_a[n].double())[1].float() for n in modules}
             vecs_s = {n: torch.linalg.eigh(cov_s[n].double())[1].float() for n in modules}
         bases = {name: (vecs_a[name], vecs_s[name]) for name in modules}
+        clock["eigh_s"] = time.perf_counter() - start
         cov_a.clear()
         cov_s.clear()
         lambdas: dict[str, torch.Tensor] = {}
@@ -247,14 +262,17 @@ def fit_ekfac(
                 sq = rotated.square().sum(0)
                 lambdas[name] = sq if name not in lambdas else lambdas[name] + sq.to(lambdas[name])
 
+        start = time.perf_counter()
         with LinearTape(modules, accumulate_lambda) as tape:
             for indices, batch in make_batches():
                 tape.start(batch.get("attention_mask"))
                 tape.backward(loss_fn(model, batch, indices).sum())
                 if progress is not None:
                     progress(len(indices))
+        clock["lambda_updates_s"] = tape.seconds
         if comm is not None:
             comm.sum_tensors(lambdas)
+        clock["lambda_pass_s"] = time.perf_counter() - start
     factors = {
         name: ModuleFactors(
             eigvecs_a=bases[name][0].cpu(),
@@ -266,14 +284,31 @@ def fit_ekfac(
     return factors, n_examples, n_tokens
 
 
+class _DrawCache(dict):
+    """Sampled labels by seed, up to :data:`SAMPLE_CACHE_TOKENS` labels in all (int32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = 0
+
+    def __setitem__(self, seed, drawn: torch.Tensor) -> None:
+        if self.tokens + drawn.numel() <= SAMPLE_CACHE_TOKENS:
+            self.tokens += drawn.numel()
+            super().__setitem__(seed, drawn.to(torch.int32))
+
+
 def lm_loss_fn(cfg: CurvatureConfig) -> LossFn:
-    """The per-example LM loss of ``cfg.fisher``: sampled labels (seeded per example) or true ones."""
+    """The per-example LM loss of ``cfg.fisher``: sampled labels (seeded per example) or true ones.
+
+    Sampled labels are drawn once per example and kept for the fit's second pass (the same
+    seed and the same logits would draw them again)."""
     if cfg.fisher == "empirical":
         return lambda model, batch, indices: response_losses(model, batch)
+    cache = _DrawCache()
 
     def sampled(model: nn.Module, batch: dict, indices: list[int]) -> torch.Tensor:
         seeds = [cfg.seed * 2**32 + i for i in indices]
-        return response_losses(model, batch, sample_seeds=seeds)
+        return response_losses(model, batch, sample_seeds=seeds, sample_cache=cache)
 
     return sampled
 
@@ -285,6 +320,7 @@ def fit_factors(
     below_layer: int | None = None,
     progress: ExamplesDoneFn = None,
     comm=None,
+    timings: dict[str, float] | None = None,
 ) -> EKFACFactors:
     """Fit EK-FAC over ``select_modules(lm.model, cfg, below_layer)`` on ``examples``.
 
@@ -292,15 +328,19 @@ def fit_factors(
     ``pad_token_id``). ``examples``: ChatExamples / message lists (encoded with
     ``cfg.max_length``) or :class:`~cinf_core.data.EncodedExample`. With ``comm`` (see
     :func:`fit_ekfac`) each rank passes its contiguous share of ``examples`` and every rank
-    returns the factors of all of them.
+    returns the factors of all of them. Batches are formed from examples of similar length
+    (longest first), so they carry little padding; the sums do not depend on the grouping.
+    ``timings``: see :func:`fit_ekfac`.
     """
     encoded = as_encoded(lm.tokenizer, examples, cfg.max_length)
     check_examples(encoded, "training")
     modules = select_modules(lm.model, cfg, below_layer=below_layer)
-    mine = None if comm is None else np.array_split(np.arange(len(encoded)), comm.world)[comm.rank].tolist()
+    mine = (range(len(encoded)) if comm is None
+            else np.array_split(np.arange(len(encoded)), comm.world)[comm.rank].tolist())
+    order = sorted(mine, key=lambda i: -len(encoded[i].input_ids))
     factors, n_examples, n_tokens = fit_ekfac(
-        lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id, mine), lm_loss_fn(cfg),
-        progress, comm=comm)
+        lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id, order), lm_loss_fn(cfg),
+        progress, comm=comm, timings=timings)
     return EKFACFactors(config=cfg, modules=factors, n_examples=n_examples, n_tokens=n_tokens,
                         below_layer=below_layer)
 

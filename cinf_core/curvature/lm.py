@@ -16,13 +16,16 @@ def response_losses(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
     sample_seeds: Sequence[int] | None = None,
+    sample_cache: dict | None = None,
 ) -> torch.Tensor:
     """Per-example training loss ``L(z)``: cross-entropy summed over the response tokens.
 
     ``batch`` as :func:`cinf_core.data.collate` (``input_ids``, ``attention_mask``, ``labels``, all
     ``[batch, seq]``). With ``sample_seeds`` (one per example) the labels at response positions are
     drawn from the model's own predictive distribution (true Fisher) with a generator seeded per
-    example, so the draw does not depend on how examples are batched. Returns ``[batch]``.
+    example, so the draw does not depend on how examples are batched. ``sample_cache`` (a dict,
+    keyed by seed) keeps each example's draw, so a second pass over the same examples reuses it
+    instead of drawing again from the same distribution. Returns ``[batch]``.
     """
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
@@ -31,22 +34,28 @@ def response_losses(
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = batch["labels"][:, 1:].to(device)
     if sample_seeds is not None:
-        targets = _sample_targets(logits.detach(), targets, sample_seeds)
+        targets = _sample_targets(logits.detach(), targets, sample_seeds, sample_cache)
     token_loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
     )
     return token_loss.view(targets.shape).sum(dim=1)
 
 
-def _sample_targets(logits: torch.Tensor, targets: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+def _sample_targets(logits: torch.Tensor, targets: torch.Tensor, seeds: Sequence[int],
+                    cache: dict | None = None) -> torch.Tensor:
     sampled = targets.clone()
     for b, seed in enumerate(seeds):
         positions = (targets[b] != IGNORE).nonzero(as_tuple=True)[0]
         if positions.numel() == 0:
             continue
-        probs = torch.softmax(logits[b, positions].double(), dim=-1).cpu()
-        gen = torch.Generator().manual_seed(int(seed))
-        sampled[b, positions] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(targets.device)
+        drawn = None if cache is None else cache.get(int(seed))
+        if drawn is None or drawn.shape[0] != positions.numel():
+            probs = torch.softmax(logits[b, positions].double(), dim=-1).cpu()
+            gen = torch.Generator().manual_seed(int(seed))
+            drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            if cache is not None:
+                cache[int(seed)] = drawn
+        sampled[b, positions] = drawn.to(device=targets.device, dtype=sampled.dtype)
     return sampled
 
 

@@ -8,6 +8,7 @@ With a bias, ``a`` gets a trailing 1: the gradient matrix is then ``[out, in + 1
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -26,6 +27,9 @@ class LinearTape:
     padding positions cannot leak in). Set ``token_mask`` ([batch, seq] bool) before each forward;
     ``None`` keeps every position. Call :meth:`backward` instead of ``scalar.backward()``: it only
     asks autograd for the module-output gradients, so no ``.grad`` is written into the model.
+
+    ``seconds`` sums the time spent handing gradients over (masking plus ``on_grad``), so a pass
+    can be split into the model's forward/backward and the work done on the gradients.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], on_grad: GradCallback):
@@ -36,6 +40,7 @@ class LinearTape:
         self._handles: list = []
         self._anchor: torch.Tensor | None = None
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self.seconds = 0.0
 
     def __enter__(self) -> "LinearTape":
         for module in self.modules.values():
@@ -89,6 +94,7 @@ class LinearTape:
         return hook
 
     def _dispatch(self, name: str, module: nn.Linear, grad: torch.Tensor) -> None:
+        start = time.perf_counter()
         a = self._inputs[name]
         batch = a.shape[0]
         dtype = torch.promote_types(a.dtype, torch.float32)
@@ -101,6 +107,7 @@ class LinearTape:
             a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
             g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
         self.on_grad(name, a, g)
+        self.seconds += time.perf_counter() - start
 
 
 def grad_shape(module: nn.Linear) -> tuple[int, int]:
