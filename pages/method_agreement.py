@@ -142,23 +142,24 @@ if not signed:
 sides = _two_sided(sh.workspace(), sh.version(), key, positive, signed)
 share = st.radio("Bars show", ["share of trait rows", "share labelled"], horizontal=True,
                  key="ma:ends",
-                 help="Share of the label's rows that fall in each tenth (chance: 10%), or share "
-                      "of the tenth's rows that carry the label (chance: the label's share).")
+                 help=f"Share of the label's rows that fall in each tenth (chance: "
+                      f"{sides.tail:.0%}), or share of the tenth's rows that carry the label "
+                      f"(chance: the label's share, {sides.positive_rate:.1%}).")
 chance = sides.tail if share == "share of trait rows" else sides.positive_rate
-b1, b2 = st.columns([3, 2])
 fig = px.bar(sides.bars, x="method", y=share, color="end", barmode="group",
              color_discrete_map={"top tenth": "#D55E00", "bottom tenth": "#0072B2"},
-             title=f"{positive} rows at the top and the bottom tenth of each ranking")
-fig.add_hline(y=chance, line_dash="dash", line_color="#7F7F7F",
-              annotation_text=f"chance ({chance:.0%})")
+             title=f"{positive} rows at the top and the bottom tenth of each ranking "
+                   f"(dashed: chance, {chance:.0%})")
+fig.add_hline(y=chance, line_dash="dash", line_color="#7F7F7F")
 fig.update_yaxes(tickformat=".0%", rangemode="tozero")
 fig.update_xaxes(title=None)
-with b1:
-    sh.chart(sh.style_fig(fig, 380), key="ma:ends-chart")
-b2.dataframe(sides.table, hide_index=True, column_config={
-    title: st.column_config.NumberColumn(format="%.3f" if title.startswith("AUC") else "percent")
-    for title in TWO_SIDED_COLUMNS.values()})
-b2.caption(f"Each tenth is {sides.tail:.0%} of the examples; `{positive}` is "
+sh.chart(sh.style_fig(fig, 380), key="ma:ends-chart")
+percent = [t for t in TWO_SIDED_COLUMNS.values() if not t.startswith("AUC")]
+st.dataframe(sides.table.assign(**{t: 100 * sides.table[t] for t in percent}), hide_index=True,
+             column_config={t: st.column_config.NumberColumn(
+                 format="%.3f" if t.startswith("AUC") else "%.1f%%")
+                 for t in TWO_SIDED_COLUMNS.values()})
+st.caption(f"Each tenth is {sides.tail:.0%} of the examples; `{positive}` is "
            f"{sides.positive_rate:.1%} of them. *Trait rows in ... tenth*: share of the "
-           f"`{positive}` rows that land there; *... tenth labelled*: share of the tenth that is "
-           f"`{positive}`.")
+           f"`{positive}` rows that land there (chance {sides.tail:.0%}); *... tenth labelled*: "
+           f"share of the tenth that is `{positive}` (chance {sides.positive_rate:.1%}).")

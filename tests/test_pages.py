@@ -220,9 +220,9 @@ def test_method_agreement_shows_both_ends_of_the_signed_rankings(monkeypatch, wo
     frame = store.scored_examples(evil["concept_influence"]).sort_values("idx")
     want = two_sidedness(frame["score"].to_numpy(), (frame["data_origin"] == "evil").to_numpy())
     row = table.loc["Concept Influence"]
-    assert row["trait rows in top tenth"] == pytest.approx(want["top_recall"])
-    assert row["bottom tenth labelled"] == pytest.approx(want["bottom_label_share"])
-    assert row["AUC-PR of |score|"] == pytest.approx(want["auc_pr_abs"])
+    assert row["trait rows in top tenth"] == pytest.approx(100 * want["top_recall"])  # in %
+    assert row["bottom tenth labelled"] == pytest.approx(100 * want["bottom_label_share"])
+    assert row["AUC-PR |score|"] == pytest.approx(want["auc_pr_abs"])
     assert len(at.get("plotly_chart")) == 4  # heatmap, pair, precision-recall, both ends
     at.radio(key="ma:ends").set_value("share labelled").run()
     assert not at.exception and len(at.get("plotly_chart")) == 4

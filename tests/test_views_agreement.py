@@ -136,7 +136,7 @@ def test_two_sided_view_tabulates_each_run_and_its_two_ends():
         want = two_sidedness(matrix[run].to_numpy(), labels)
         for key, title in TWO_SIDED_COLUMNS.items():
             assert table.loc[run, title] == pytest.approx(want[key])
-    assert table.loc["Both", "AUC-PR of |score|"] > table.loc["Both", "AUC-PR"] + 0.4
+    assert table.loc["Both", "AUC-PR |score|"] > table.loc["Both", "AUC-PR"] + 0.4
     bars = sides.bars.set_index(["method", "end"])
     assert len(bars) == 4
     assert bars.loc[("Both", "bottom tenth"), "share of trait rows"] == pytest.approx(0.5)

@@ -73,7 +73,7 @@ def retrieval(matrix: pd.DataFrame, labels: pd.Series, positive: str) -> Retriev
 TWO_SIDED_COLUMNS = {"top_recall": "trait rows in top tenth", "bottom_recall":
                      "trait rows in bottom tenth", "top_label_share": "top tenth labelled",
                      "bottom_label_share": "bottom tenth labelled", "auc_pr": "AUC-PR",
-                     "auc_pr_abs": "AUC-PR of |score|"}
+                     "auc_pr_abs": "AUC-PR |score|"}
 """The two-sidedness table's columns, from :func:`~cinf_core.experiments.metrics.two_sidedness`'s
 keys: ``trait rows in ... tenth`` is the share of the label's rows that fall there (chance: the
 tail, 10%); ``... tenth labelled`` is the share of the tenth's rows that carry the label
