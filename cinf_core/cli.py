@@ -698,10 +698,14 @@ def _say_auc_pr(result: dict) -> None:
             print(f"  {method:24s} {value:.3f}", file=sys.stderr)
         two_sided = result.get("two_sided", {}).get(trait)
         if two_sided:
+            tail = next(iter(two_sided.values()))["tail"]
             print(f"Both ends for {trait}, signed methods: share of the {trait} rows in the top / "
-                  f"bottom tenth (chance 10%), AUC-PR of score / |score|", file=sys.stderr)
+                  f"bottom tenth (chance {tail:.0%}), share of the top / bottom tenth labelled "
+                  f"{trait} (chance {result['positive_rate'][trait]:.1%}), AUC-PR of score / "
+                  f"|score|", file=sys.stderr)
             for method, d in two_sided.items():
                 print(f"  {method:24s} {d['top_recall']:6.1%} / {d['bottom_recall']:6.1%}   "
+                      f"{d['top_label_share']:6.1%} / {d['bottom_label_share']:6.1%}   "
                       f"{d['auc_pr']:.3f} / {d['auc_pr_abs']:.3f}", file=sys.stderr)
 
 
