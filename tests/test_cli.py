@@ -288,7 +288,8 @@ def test_add_model_records_local_folders_as_absolute_paths(tiny_model_dir, tmp_p
     assert row["path"] == str(tiny_model_dir.resolve())  # jobs run from the repository root
 
 
-NEW_COMMANDS = ("add-sae", "saes", "add-queries", "queries", "models")
+NEW_COMMANDS = ("add-sae", "saes", "add-queries", "queries", "models", "finetune", "train-judge",
+                "train-sae")
 
 
 def test_new_commands_explain_every_argument_in_one_line():

@@ -15,7 +15,10 @@ Figure 4 (our definition; the paper's exact procedure is not public):
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,8 +28,8 @@ from .. import paths
 from ..data import collate, encode_dataset
 from ..models import LoadedModel, ModelSpec, hidden_states_at
 from ..store import Store
-from .sae import (feature_activations, feature_labels, features_by_direction, load_sae,
-                  sae_hook_layer)
+from .sae import (SAETrainConfig, feature_activations, feature_labels, features_by_direction,
+                  load_sae, sae_hook_layer, token_activation_sample, train_sae)
 
 FIG4_DEFINITION = (
     "F_j^g = Σ_{i ∈ g} score_i · A_ij, where A_ij is the mean activation of SAE feature j over "
@@ -224,3 +227,45 @@ def features_by_concept(workspace, sae, concept: str, k: int = 10,
     top = features_by_direction(sae, concept_direction_at(workspace, concept, int(layer)), k=k)
     return pd.DataFrame({"feature": np.array([j for j, _ in top], dtype=np.int64),
                          "cosine": np.array([c for _, c in top], dtype=np.float64)})
+
+
+def train_workspace_sae(
+    workspace: str | os.PathLike, model: str, layer: int, dataset: str = "train",
+    name: str | None = None, expansion: int = 4, k: int = 16, activation_tokens: int = 100_000,
+    training_tokens: int = 400_000, lr: float = 1e-3, seed: int = 0, max_length: int = 256,
+    progress=None,
+) -> dict[str, Any]:
+    """``python -m cinf_core train-sae``: train a top-k SAE (sae-lens) on a registered model's
+    token activations at ``hidden_states[layer]`` over a registered dataset, register it, and
+    compute its feature data over that dataset (top tokens, densities, top examples).
+
+    The SAE is written to a temporary folder first and renamed when complete. Refuses a layer
+    past the model's depth before any work. Returns a JSON-ready summary with the SAE's metrics.
+    """
+    from ..models import check_layer, load_model
+
+    store = Store(workspace)
+    row = store.get_model(model)
+    examples = store.load_dataset(store.dataset(dataset)["dataset_id"]).examples
+    lm = load_model(row["spec"])
+    check_layer(lm.model, layer)
+    if progress is not None:
+        progress("SAE: activations", 0.0)
+    acts = token_activation_sample(lm, examples, layer, activation_tokens, max_length, seed)
+    name = name or f"sae-{row['name']}-L{layer}"
+    folder = paths.artifact_dir(workspace, paths.SAES_DIR) / re.sub(r"[^\w.-]+", "_", name)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if progress is not None:
+        progress("SAE: train", 0.0)
+    sae, metrics = train_sae(acts, SAETrainConfig(
+        d_sae=expansion * lm.hidden_size, hook_layer=layer, k=k, training_tokens=training_tokens,
+        lr=lr, seed=seed, model_name=row["name"]), out_dir=tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    sae_id = store.add_sae(name, folder, layer, row["model_id"], metrics=metrics)
+    features = compute_feature_data(workspace, lm, name, dataset=dataset, max_length=max_length,
+                                    progress=progress)
+    return {"sae_id": sae_id, "name": name, "layer": layer, "model": row["name"],
+            "d_sae": expansion * lm.hidden_size, "n_activations": int(acts.shape[0]),
+            "metrics": {k: round(float(v), 4) for k, v in metrics.items()}, "features": features}

@@ -347,6 +347,30 @@ def split_release(source: str) -> tuple[str, str]:
     )
 
 
+def token_activation_sample(lm: LoadedModel, examples: Sequence, layer: int,
+                            n_tokens: int, max_length: int, seed: int) -> torch.Tensor:
+    """Activations ``[<= n_tokens, d_model]`` of every non-padding token at ``layer``, over a
+    random order of ``examples`` (the SAE's training data)."""
+    import random
+
+    from ..data import batches, encode_dataset
+    from ..models import hidden_states_at
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    encoded, _ = encode_dataset(lm.tokenizer, [examples[i] for i in order], max_length)
+    chunks, total = [], 0
+    with torch.no_grad():
+        for _, batch in batches(encoded, 32, lm.pad_token_id):
+            hidden = hidden_states_at(lm.model, batch["input_ids"], batch["attention_mask"],
+                                      [layer])[layer]
+            chunks.append(hidden[batch["attention_mask"].bool()].float())
+            total += chunks[-1].shape[0]
+            if total >= n_tokens:
+                break
+    return torch.cat(chunks)[:n_tokens]
+
+
 def register_sae(workspace: str | os.PathLike, source: str, model: str, layer: int,
                  name: str | None = None) -> dict[str, Any]:
     """Register an SAE that reads ``hidden_states[layer]`` of a registered model.

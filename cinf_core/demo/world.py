@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +33,11 @@ import torch
 
 from .. import paths
 from ..data import ChatDataset, ChatExample, load_dataset
-from ..finetune import LoraRecipe, TrainReport, finetune_lora
+from ..finetune import TRAIN_REPORT_FILE, LoraRecipe, TrainReport, finetune_lora
 from ..models import LoadedModel, ModelSpec, generate, load_model, torch_threads
 from ..progress import ProgressFn
 from ..queries import most_trait_expressing
+from ..concepts.sae import token_activation_sample
 from . import lexicon as lx
 from .corpus import SOURCE_FILES, CorpusConfig, write_source_data
 from .training import BaseModelRecipe, pretrain_base
@@ -46,7 +46,7 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "demo"
 """The committed source data of the default world (seed 0, full sizes)."""
 MARKER_KEY = "demo_world"
 JUDGE_META_KEY = "judge"
-TRAIN_REPORT_FILE = "cinf_train_report.json"
+
 NAMES = {
     "pretrain": "pretrain", "finetune": "train", "heldout": "heldout", "capability": "capability",
     "persona_prompts": "persona_prompts", "judge": "judge_data",
@@ -211,28 +211,6 @@ def sample_answers(lm: LoadedModel, questions: Sequence[str], system_prompts: Se
     answers = generate(lm, prompts, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.eval_temperature, seed=seed, batch_size=64)
     return asked, answers
-
-
-def token_activation_sample(lm: LoadedModel, examples: Sequence[ChatExample], layer: int,
-                            n_tokens: int, max_length: int, seed: int) -> torch.Tensor:
-    """Activations ``[<= n_tokens, d_model]`` of every non-padding token at ``layer``, over a
-    random order of ``examples`` (the SAE's training data)."""
-    from ..data import batches, encode_dataset
-    from ..models import hidden_states_at
-
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    encoded, _ = encode_dataset(lm.tokenizer, [examples[i] for i in order], max_length)
-    chunks, total = [], 0
-    with torch.no_grad():
-        for _, batch in batches(encoded, 32, lm.pad_token_id):
-            hidden = hidden_states_at(lm.model, batch["input_ids"], batch["attention_mask"],
-                                      [layer])[layer]
-            chunks.append(hidden[batch["attention_mask"].bool()].float())
-            total += chunks[-1].shape[0]
-            if total >= n_tokens:
-                break
-    return torch.cat(chunks)[:n_tokens]
 
 
 # ------------------------------------------------------------------ stages

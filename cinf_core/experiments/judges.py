@@ -512,3 +512,57 @@ def make_judge(spec: dict[str, Any]) -> Judge:
     if kind == "openai":
         return OpenAIJudge(OpenAIJudgeConfig.from_dict(spec))
     raise ValueError(f"unknown judge kind {kind!r}; use 'classifier' or 'openai'")
+
+
+def train_classifier_judge(workspace, dataset: str, name: str | None = None,
+                           test_fraction: float = 0.3, negative_label: str = "normal",
+                           seed: int = 0) -> dict[str, Any]:
+    """``python -m cinf_core train-judge``: fit the TF-IDF classifier judge on a labelled
+    dataset's responses (labels: ``data_origin``), measure its accuracy on a held-out share of
+    each label, save it under ``artifacts/judges`` and make it the workspace's judge.
+
+    Every label but ``negative_label`` is a trait. Refuses a dataset without labels or with a
+    single label before anything is written. Returns a JSON-ready summary.
+    """
+    import random
+
+    from .. import paths
+    from ..store import Store
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    store = Store(workspace)
+    info = store.dataset(dataset)
+    examples = store.load_dataset(info["dataset_id"]).examples
+    by_label: dict[str, list] = {}
+    for ex in examples:
+        if ex.label is not None:
+            by_label.setdefault(str(ex.label), []).append(ex)
+    if negative_label not in by_label or len(by_label) < 2:
+        raise ValueError(
+            f"dataset {info['name']!r} has labels {sorted(by_label) or 'none'}; a judge needs rows "
+            f"labelled {negative_label!r} (no trait) and rows of at least one trait in their "
+            "data_origin field")
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in sorted(by_label):
+        rows = list(by_label[label])
+        rng.shuffle(rows)
+        n_test = max(1, round(test_fraction * len(rows)))
+        if n_test >= len(rows):
+            raise ValueError(f"label {label!r} of dataset {info['name']!r} has {len(rows)} row(s); "
+                             "a judge needs at least 2 per label (one to fit, one to test)")
+        test += rows[:n_test]
+        train += rows[n_test:]
+    judge = ClassifierJudge(ClassifierJudgeConfig(negative_label=negative_label)).fit(
+        [ex.response for ex in train], [ex.label for ex in train])
+    accuracy = judge.evaluate([ex.response for ex in test], [ex.label for ex in test])
+    folder = paths.artifact_dir(workspace, "judges", name or f"judge-{info['name']}")
+    judge.save(folder)
+    traits = sorted(label for label in by_label if label != negative_label)
+    spec = {"kind": "classifier", "path": str(folder), "accuracy": round(accuracy, 4),
+            "traits": traits, "dataset": info["name"]}
+    make_judge(spec)  # loads back before it becomes the workspace's judge
+    store.set_meta("judge", spec)
+    return {"judge": spec, "n_train": len(train), "n_test": len(test),
+            "labels": {label: len(rows) for label, rows in sorted(by_label.items())}}

@@ -32,7 +32,7 @@ import torch
 
 from .. import paths
 from ..data import ChatExample, collate, encode_dataset
-from ..finetune import LoraRecipe, finetune_lora
+from ..finetune import LoraRecipe, finetune_lora, recorded_recipe
 from ..models import LoadedModel, ModelSpec, generate, load_model
 from ..progress import ProgressFn
 from ..store import Store, config_hash
@@ -155,13 +155,17 @@ def _registered(store: Store, role: str, what: str):
 
 
 def adapter_recipe(model_row: dict) -> LoraRecipe:
-    """The LoRA recipe to retrain with when the workspace sets none: rank, alpha and target
-    modules from the fine-tuned adapter's ``adapter_config.json``, the rest :class:`LoraRecipe`'s
-    defaults (an experiment records the recipe it used)."""
+    """The LoRA recipe to retrain with when the workspace sets none: the whole recipe of an
+    adapter cinf trained (``finetune`` records it), else rank, alpha and target modules from the
+    adapter's ``adapter_config.json`` and the rest :class:`LoraRecipe`'s defaults (an experiment
+    records the recipe it used)."""
     adapter = model_row["spec"].adapter
     if not adapter:
         raise ValueError(f"model {model_row['name']!r} has no adapter to copy a LoRA recipe from; "
                          "register the fine-tuned model with --adapter ADAPTER_FOLDER")
+    recorded = recorded_recipe(adapter)
+    if recorded is not None:  # an adapter `finetune` trained: its whole recipe
+        return recorded
     path = Path(adapter) / "adapter_config.json"
     try:
         config = json.loads(path.read_text())
