@@ -130,9 +130,11 @@ with t2:
 
 st.subheader("Both ends of the ranking (signed methods)")
 st.caption("A signed score (" + registry.SIGN_CONVENTION.split(";")[0] + ") can put the "
-           "labelled rows at the top, at the bottom, or at both ends: then ranking by |score| "
-           "retrieves them better than the score does. Random and other unsigned baselines are "
-           "left out.")
+           "labelled rows at the top, at the bottom, or at both ends, where ranking by |score| can "
+           "retrieve them better than the score. |score| counts from zero, which means no "
+           "effect for a gradient method but is an arbitrary point for a raw projection such as "
+           "Vector Filter: read its tenths rather than its |score|. Random and other unsigned "
+           "baselines are left out.")
 signed = tuple(labels_of[m] for m in scope["method"] if registry.is_signed(m))
 if not signed:
     sh.empty_state("None of these methods gives a signed score.",
