@@ -19,6 +19,7 @@ FACTORS_DIR = "factors"
 SAES_DIR = "saes"
 JOBS_DIR = "jobs"
 SHARDS_DIR = "shards"
+INDEX_DIR = "index"  # gradient indexes (methods/index.py), one folder per index key
 
 
 def workspace_path(workspace: str | os.PathLike | None = None) -> Path:

@@ -36,6 +36,10 @@ class ScoreConfig:
     concept_window: int | None = field(
         default=None, metadata={"help": "Concept Influence: measure the concept over the K positions "
                                         "where each test answer starts (None: all response tokens)"})
+    index: int | None = field(
+        default=None, metadata={"help": "Concept Influence over the gradient index of this "
+                                        "projection dimension (`python -m cinf_core index` builds "
+                                        "it once; None: the exact pass over the training data)"})
 
     def __post_init__(self):
         requested = get_method(self.method)
@@ -45,9 +49,10 @@ class ScoreConfig:
                                  f"sets {option}={getattr(self, option)}; leave {option} unset")
             setattr(self, option, value)
         self.method = requested.name
-        if self.concept_window is not None and "concept_window" not in requested.run_fields:
-            raise ValueError(f"concept_window applies to concept_influence only, not "
-                             f"{self.method}; leave it unset")
+        for option in ("concept_window", "index"):
+            if getattr(self, option) is not None and option not in requested.run_fields:
+                raise ValueError(f"{option} applies to concept_influence only, not "
+                                 f"{self.method}; leave it unset")
         method = self.resolved_method()
         method.validate(self)
         if method.needs_trait and not (self.trait or self.concept):
@@ -55,7 +60,8 @@ class ScoreConfig:
 
     def resolved_method(self):
         """The registered method (or variant) this request scores with."""
-        return get_method(self.method).variant({"concept_window": self.concept_window})
+        return get_method(self.method).variant({"concept_window": self.concept_window,
+                                                "index": self.index})
 
 
 def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
@@ -77,4 +83,9 @@ def plan(store: Store, cfg: ScoreConfig) -> RunPlan:
         inputs.queries = queries
     if method.needs_generator:
         inputs.generator_row = store.get_model(cfg.generator)
-    return RunPlan(cfg, method, inputs, method.run_config(cfg, inputs))
+    p = RunPlan(cfg, method, inputs, method.run_config(cfg, inputs))
+    if cfg.index is not None:  # refuse a query the workspace's gradient index cannot answer
+        from .index import index_for_plan
+
+        index_for_plan(store, p)
+    return p
