@@ -253,17 +253,25 @@ def fit_ekfac(
                 lambdas[name] = torch.zeros(grad_shape(module), dtype=torch.float32)
 
         def accumulate_lambda(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-            u_a, u_s = bases[name]
-            g_rot, a_rot = g @ u_s.to(g), a @ u_a.to(a)
-            # Rotated per-example gradients [chunk, out, in], a few examples at a time.
-            chunk = max(1, LAMBDA_CHUNK_BYTES // (g.shape[-1] * a.shape[-1] * a.element_size()))
+            u_a, u_s = bases[name][0].to(a), bases[name][1].to(g)
+            seq, out, inp = g.shape[1], g.shape[-1], a.shape[-1]
+            # Rotated per-example gradients U_S^T G_n U_A [chunk, out, in], a few examples at a
+            # time: rotate the tokens first (seq (out^2 + in^2) + seq out in multiply-adds per
+            # example) or form G_n first and rotate it (seq out in + out in (out + in)), whichever
+            # costs less (a low-rank LoRA matrix: the latter).
+            tokens_first = seq * (out * out + inp * inp) <= out * inp * (out + inp)
+            if tokens_first:
+                g, a = g @ u_s, a @ u_a
+            chunk = max(1, LAMBDA_CHUNK_BYTES // (out * inp * a.element_size()))
             for s in range(0, g.shape[0], chunk):
-                rotated = torch.einsum("bto,bti->boi", g_rot[s: s + chunk], a_rot[s: s + chunk])
+                rotated = torch.einsum("bto,bti->boi", g[s: s + chunk], a[s: s + chunk])
+                if not tokens_first:
+                    rotated = u_s.T @ rotated @ u_a
                 sq = rotated.square().sum(0)
                 lambdas[name] = sq if name not in lambdas else lambdas[name] + sq.to(lambdas[name])
 
         start = time.perf_counter()
-        with LinearTape(modules, accumulate_lambda) as tape:
+        with LinearTape(modules, accumulate_lambda, mask_grads=False) as tape:
             for indices, batch in make_batches():
                 tape.start(batch.get("attention_mask"))
                 tape.backward(loss_fn(model, batch, indices).sum())

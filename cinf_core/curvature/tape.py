@@ -28,13 +28,20 @@ class LinearTape:
     ``None`` keeps every position. Call :meth:`backward` instead of ``scalar.backward()``: it only
     asks autograd for the module-output gradients, so no ``.grad`` is written into the model.
 
+    ``mask_grads=False`` zeroes the inputs only: enough for per-example gradients
+    ``sum_t g_t a_t^T`` and their products, whose padding terms are then ``g_t 0^T = 0`` for
+    finite ``g_t`` (for a causal LM with right padding the gradient at a padding position is
+    exactly zero anyway: no loss reads it and attention never looks at it), and one masking
+    pass cheaper. Gradient covariances ``sum_t g_t g_t^T`` need the default.
+
     ``seconds`` sums the time spent handing gradients over (masking plus ``on_grad``), so a pass
     can be split into the model's forward/backward and the work done on the gradients.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], on_grad: GradCallback):
+    def __init__(self, modules: dict[str, nn.Linear], on_grad: GradCallback, mask_grads: bool = True):
         self.modules = modules
         self.on_grad = on_grad
+        self.mask_grads = mask_grads
         self.token_mask: torch.Tensor | None = None
         self._inputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
@@ -105,7 +112,8 @@ class LinearTape:
         if self.token_mask is not None:
             keep = self.token_mask.to(a.device).reshape(batch, -1, 1)
             a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
-            g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if self.mask_grads:
+                g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
         self.on_grad(name, a, g)
         self.seconds += time.perf_counter() - start
 

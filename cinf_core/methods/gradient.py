@@ -203,7 +203,7 @@ def _loss_gradients(
         else:
             grads[name][0] += torch.einsum("bto,bti->oi", g, a).double() / n
 
-    with eval_mode(lm.model), LinearTape(modules, collect) as tape:
+    with eval_mode(lm.model), LinearTape(modules, collect, mask_grads=False) as tape:
         for start in range(0, n, batch_size):
             batch = collate(queries[start: start + batch_size], lm.pad_token_id)
             offset = start
@@ -226,7 +226,7 @@ def _concept_gradients(
     def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         grads[name][current] += torch.einsum("bto,bti->oi", g, a).double()
 
-    with eval_mode(lm.model), LinearTape(modules, collect) as tape:
+    with eval_mode(lm.model), LinearTape(modules, collect, mask_grads=False) as tape:
         for start in range(0, n, batch_size):
             batch = collate(queries[start: start + batch_size], lm.pad_token_id)
             tape.start(batch["attention_mask"])
@@ -291,7 +291,7 @@ def train_scores(
         scores.index_add_(0, rows, s.double().cpu())
 
     start_time = time.perf_counter()
-    with eval_mode(lm.model), LinearTape(modules, score) as tape:
+    with eval_mode(lm.model), LinearTape(modules, score, mask_grads=False) as tape:
         for start in range(0, len(by_length), batch_size):
             batch_rows = by_length[start: start + batch_size]
             batch = collate([train[order[r]] for r in batch_rows], lm.pad_token_id)
