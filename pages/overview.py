@@ -44,7 +44,7 @@ if store is None or (datasets.empty and not summary):
         sh.job_launcher("overview:demo", "Build the demo world", "demo", {"quick": quick})
 else:
     if summary:
-        st.caption("Demo world: " + demo_summary_text(summary))
+        st.caption("This workspace holds " + demo_summary_text(summary))
     missing = _results_missing(sh.workspace(), sh.version())
     if missing and sh.running_job(("demo", "results")) is None:  # not while the world builds
         st.info("Not computed yet: " + "; ".join(missing) + ". The results job scores every "

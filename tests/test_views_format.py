@@ -19,7 +19,11 @@ def test_store_version_changes_with_the_store(tmp_path):
 def test_demo_summary_text_and_seconds():
     text = demo_summary_text({"summary": {"quick": True, "build_seconds": 150,
                                           "sizes": {"finetune": 60}}})
-    assert "quick world" in text and "60 fine-tuning examples" in text and "2.5 min" in text
+    assert text.startswith("the toy world") and "quick version" in text
+    assert "60 fine-tuning examples" in text and "2.5 min" in text
+    smollm2 = demo_summary_text({"summary": {"world": "smollm2", "quick": False, "n_layers": 30,
+                                             "hidden_size": 576, "concept_layer": 20}})
+    assert smollm2.startswith("the SmolLM2-135M-Instruct world") and "30 layers × 576 d" in smollm2
     assert demo_summary_text(None) == ""
     assert fmt_seconds(0.5) == "500 ms" and fmt_seconds(None) == "—"
 

@@ -428,10 +428,9 @@ def build_world(workspace: str | os.PathLike | None = None, quick: bool = False,
         if marker.get("config_digest") != cfg.digest:
             built = marker.get("summary", {})
             raise ValueError(
-                f"workspace {ws} already holds a demo world built with another configuration "
-                f"(quick={built.get('quick')}, seed={built.get('seed')}); build this one in a "
-                "fresh --workspace"
-            )
+                f"workspace {ws} already holds a {built.get('world', 'toy')} world built with "
+                f"another configuration (quick={built.get('quick')}, seed={built.get('seed')}); "
+                "build this one in a fresh --workspace")
         return {**marker["summary"], "workspace": str(ws), "cached": True}
 
     previous = torch.get_num_threads()
@@ -485,6 +484,7 @@ def _build(w: _World) -> dict:
     timed("sae", t0)
 
     return {
+        "world": "toy",
         "workspace": str(w.workspace),
         "quick": cfg.quick,
         "seed": cfg.seed,

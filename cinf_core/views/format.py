@@ -38,14 +38,30 @@ def workspace_info(workspace: str | Path) -> WorkspaceInfo:
     return WorkspaceInfo(str(path.resolve()), (path / paths.STORE_FILE).exists())
 
 
+def built_worlds(default_workspace: str | Path) -> dict[str, Path]:
+    """``{button label: folder}`` of the demo worlds built in their default folders (the toy one
+    in the default workspace, the SmolLM2 one beside it)."""
+    from ..demo import world_workspace
+
+    labels = {"toy": "Toy world", "smollm2": "SmolLM2-135M world"}
+    out = {}
+    for world, label in labels.items():
+        folder = world_workspace(world, default_workspace).expanduser().resolve()
+        if (folder / paths.STORE_FILE).exists():
+            out[label] = folder
+    return out
+
+
 def demo_summary_text(meta_value: Mapping | None) -> str:
     """One line about the demo world from its meta entry (``{"summary": {...}}`` or the summary)."""
     if not meta_value:
         return ""
+    from ..demo import WORLDS
+
     summary = meta_value.get("summary", meta_value)
-    parts = []
+    parts = [WORLDS.get(summary.get("world", "toy"), str(summary.get("world")))]
     if "quick" in summary:
-        parts.append("quick world" if summary["quick"] else "full world")
+        parts.append("quick version" if summary["quick"] else "full version")
     sizes = summary.get("sizes") or {}
     if "finetune" in sizes:
         parts.append(f"{sizes['finetune']} fine-tuning examples")
