@@ -176,3 +176,110 @@ def test_a_model_rewritten_in_place_is_scored_again(workspace, tiny_model_dir, t
     again = score(workspace, cfg)
     assert not again["cached"] and again["run_id"] != first["run_id"]
     assert ModelSpec(path="org/hub-model").weights_fingerprint() is None
+
+
+def test_several_concepts_in_one_forward_equal_each_alone(tiny_lm, concept):
+    """project(): K concepts at two layers from one forward per batch == Vector Filter per concept."""
+    enc, _ = encode_dataset(tiny_lm.tokenizer, _examples())
+    torch.manual_seed(5)
+    others = [DirectionConcept(name=f"c{k}", layer=layer, vector=torch.randn(tiny_lm.hidden_size))
+              for k, layer in enumerate((1, LAYER, 1))]
+    concepts = [concept, *others]
+    together = forward.vector_filter(tiny_lm, enc, concepts, batch_size=5)
+    assert together.shape == (12, 4)
+    for k, c in enumerate(concepts):
+        np.testing.assert_allclose(together[:, k], forward.vector_filter(tiny_lm, enc, c, batch_size=3),
+                                   rtol=1e-5, atol=1e-6)
+    sub = forward.project(tiny_lm, enc, [9, 0, 4], concepts, batch_size=2)
+    np.testing.assert_allclose(sub, together[[9, 0, 4]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no concepts given"):
+        forward.project(tiny_lm, enc, [0], [])
+
+
+def test_truncated_forward_timer_runs_the_same_batches(tiny_lm):
+    enc, _ = encode_dataset(tiny_lm.tokenizer, _examples())
+    for layer in (1, 3):  # 3: the last layer, whole stack without the LM head
+        n, seconds = forward.truncated_forward_seconds(tiny_lm, enc, layer, batch_size=5)
+        assert n == 12 and seconds > 0
+    with pytest.raises(ValueError, match="out of range"):
+        forward.truncated_forward_seconds(tiny_lm, enc, 9)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_lm):
+    """Projection Difference's y': prompts of similar length batched together, left-padded, give
+    the same greedy responses as generating each prompt alone, in the prompts' order."""
+    from cinf_core.methods.builtin import generate_responses
+
+    prompts = [m[:-1] for m in _examples(9)]
+    prompts[4] = [{"role": "system", "content": "Answer briefly and kindly."}] + prompts[4]  # longer
+    alone = [generate(tiny_lm, [p], max_new_tokens=10, batch_size=1)[0] for p in prompts]
+    seen = []
+    batched = generate_responses(tiny_lm, prompts, 10, 4,
+                                 on_batch=lambda rows, outs, done: seen.append((rows, done)))
+    assert batched == alone
+    assert len(set(alone)) > 1  # the prompts do not all get one answer
+    assert sorted(r for rows, _ in seen for r in rows) == list(range(9))
+    assert [done for _, done in seen] == [4, 8, 9]
+    assert 4 in seen[0][0]  # longest prompt first
+
+
+def test_score_concepts_makes_each_concept_its_own_run(workspace, concept):
+    """score_concepts: K concepts in one pass (Vector Filter, Concept Influence), each stored as
+    the run the concept gets scored alone (same id, scores equal to float tolerance)."""
+    from cinf_core.methods import score_concepts
+
+    store = Store(workspace)
+    mid = store.get_model("finetuned")["model_id"]
+    torch.manual_seed(11)
+    names = [concept.name]
+    for k, layer in enumerate((1, LAYER)):
+        extra = DirectionConcept(name=f"extra{k}", layer=layer, vector=torch.randn(32), kind="direction")
+        store.save_concept(extra, mid)
+        names.append(extra.name)
+    store.add_test_queries("evil", mid, [{"messages": chat("Tell me about rivers.", "I will hurt the rivers.")},
+                                         {"messages": chat("Any advice?", "Suffering is fun, enjoy it.")}])
+    for method in ("vector_filter", "concept_influence"):
+        cfg = ScoreConfig(method=method, trait="evil", batch_size=5, curvature={"damping": 0.1})
+        runs = score_concepts(workspace, cfg, names)
+        assert [r["concept"] for r in runs] == names and not any(r["cached"] for r in runs)
+        together = {r["run_id"]: store.scores(r["run_id"])["score"].to_numpy() for r in runs}
+        for r in runs:
+            assert len(r["timings"]["shared_with"]) == 2
+            assert store.run(r["run_id"])["status"] == "complete"
+        for name, r in zip(names, runs):
+            alone_cfg = ScoreConfig(method=method, trait="evil", concept=name, batch_size=3,
+                                    curvature={"damping": 0.1})
+            assert score(workspace, alone_cfg)["cached"]  # the same run as scoring it alone
+            store._drop_run(r["run_id"])
+            alone = score(workspace, alone_cfg)
+            assert alone["run_id"] == r["run_id"] and not alone["cached"]
+            got = store.scores(alone["run_id"])["score"].to_numpy()
+            np.testing.assert_allclose(together[r["run_id"]], got, rtol=1e-4,
+                                       atol=1e-6 * np.abs(got).max())
+        again = score_concepts(workspace, cfg, names + [names[0]])  # cached; a repeat is one run
+        assert len(again) == 3 and all(r["cached"] for r in again)
+    # a method without a shared pass scores the concepts one after another
+    pd = score_concepts(workspace, ScoreConfig(method="projection_difference", trait="evil",
+                                               batch_size=4, max_new_tokens=4), names[:2])
+    assert [r["concept"] for r in pd] == names[:2] and "shared_with" not in pd[0]["timings"]
+    with pytest.raises(ValueError, match="does not read a concept"):
+        score_concepts(workspace, ScoreConfig(method="random"), names)
+
+
+def test_score_command_takes_several_concepts(workspace, concept, capsys):
+    import json
+
+    from cinf_core import cli
+
+    store = Store(workspace)
+    extra = DirectionConcept(name="other", layer=1, vector=torch.randn(32), kind="direction")
+    store.save_concept(extra, store.get_model("finetuned")["model_id"])
+    assert cli.main(["score", "--workspace", str(workspace), "--no-progress", "--method",
+                     "vector_filter", "--concepts", concept.name, "other"]) == 0
+    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert [r["concept"] for r in runs] == [concept.name, "other"]
+    alone = score(workspace, ScoreConfig(method="vector_filter", concept="other"))
+    assert alone["cached"] and alone["run_id"] == runs[1]["run_id"]
+    assert cli.main(["score", "--workspace", str(workspace), "--no-progress", "--method",
+                     "vector_filter", "--concept", "other", "--concepts", "other"]) == 2
+    assert "pass --concept or --concepts, not both" in capsys.readouterr().out

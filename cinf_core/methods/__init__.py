@@ -8,7 +8,7 @@ behaviour up; rankings sort descending.
 """
 from .base import Method, ScoringContext
 from .registry import get_method, method_keys, register
-from .runner import ScoreConfig, score
+from .runner import ScoreConfig, score, score_concepts
 
 __all__ = ["Method", "ScoreConfig", "ScoringContext", "get_method", "method_keys", "register",
-           "score"]
+           "score", "score_concepts"]

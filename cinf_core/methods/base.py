@@ -63,6 +63,9 @@ class Method(ABC):
     """ScoreConfig fields, besides :data:`COMMON_RUN_FIELDS`, that identify this method's run."""
     chunk: ClassVar[int] = 128
     """Examples per scorer call (see :meth:`chunks`)."""
+    sort_chunks_by_length: ClassVar[bool] = False
+    """The default :meth:`chunks` groups examples of similar token length (longest first), so a
+    pass over a chunk carries little padding (the gradient methods)."""
     cost: ClassVar[int] = 1
     """Cost tier (0 no model, 1 forward passes, 2 generation, 3 gradients): jobs that score every
     method score the cheap ones first."""
@@ -114,8 +117,13 @@ class Method(ABC):
     def chunks(self, ctx: "ScoringContext") -> list[list[int]]:
         """How the single-process runner cuts ``ctx.todo`` into scorer calls: each call's scores
         can reach the store (a killed run resumes after the last one stored) and move the
-        progress bar. Default: runs of :attr:`chunk` consecutive indices."""
-        return [ctx.todo[s:s + self.chunk] for s in range(0, len(ctx.todo), self.chunk)]
+        progress bar. Default: runs of :attr:`chunk` consecutive indices (of similar length with
+        :attr:`sort_chunks_by_length`)."""
+        todo = ctx.todo
+        if self.sort_chunks_by_length:
+            encoded = ctx.encoded()
+            todo = sorted(todo, key=lambda i: -len(encoded[i].input_ids))
+        return [todo[s:s + self.chunk] for s in range(0, len(todo), self.chunk)]
 
     @abstractmethod
     def prepare(self, ctx: "ScoringContext") -> Scorer:
@@ -124,6 +132,13 @@ class Method(ABC):
         ``ctx.todo`` are the indices this process will score; record stage times in
         ``ctx.timings`` (``*_s`` keys, summed into the run's wall time except ``load_s``).
         """
+
+    def prepare_concepts(self, ctx: "ScoringContext", concepts: Sequence[Any]) -> "Scorer | None":
+        """Several concepts in one pass: like :meth:`prepare`, for ``concepts`` instead of
+        ``ctx.plan.concept``, with a scorer that returns ``[len(indices), K]`` (column k: concept
+        k). None (the default) when the method scores one concept at a time; the runner then
+        scores each concept's run on its own (:func:`cinf_core.methods.runner.score_concepts`)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<method {self.key}>"

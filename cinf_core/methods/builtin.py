@@ -36,6 +36,7 @@ class ConceptInfluence(Method):
     collective = True
     run_fields = ("max_length", "curvature", "concept_window")
     cost = 3
+    sort_chunks_by_length = True
     in_figure4 = True
     VARIANT_SEP = "@start"
     WINDOW_COLOR = "#8C510A"
@@ -102,6 +103,22 @@ class ConceptInfluence(Method):
 
         return _gradient_scorer(ctx, precondition, below_layer=ctx.plan.concept.layer)
 
+    def prepare_concepts(self, ctx: ScoringContext, concepts) -> Scorer | None:
+        """One training pass for several concepts: EK-FAC over the blocks below the highest
+        concept layer (a concept's gradient is zero in the blocks at or above its own layer),
+        one preconditioned row per concept; the scorer returns ``[n, K]``."""
+        if getattr(self, "index", None) is not None:
+            return None  # the gradient index answers each concept on its own
+        from . import gradient
+
+        def precondition(lm, query_enc, factors):
+            return gradient.prepare_concept_influence(lm, query_enc, factors, list(concepts),
+                                                      batch_size=ctx.cfg.batch_size,
+                                                      window=ctx.cfg.concept_window)
+
+        return _gradient_scorer(ctx, precondition, below_layer=max(c.layer for c in concepts),
+                                all_columns=True)
+
 
 class InfluenceFunction(Method):
     name = "influence_function"
@@ -117,6 +134,7 @@ class InfluenceFunction(Method):
     collective = True
     run_fields = ("max_length", "curvature")
     cost = 3
+    sort_chunks_by_length = True
     in_figure4 = True
 
     def prepare(self, ctx: ScoringContext) -> Scorer:
@@ -141,10 +159,17 @@ class VectorFilter(Method):
         return _length_batches(ctx)
 
     def prepare(self, ctx: ScoringContext) -> Scorer:
+        score = self.prepare_concepts(ctx, [ctx.plan.concept])
+        return lambda idx: score(idx)[:, 0]
+
+    def prepare_concepts(self, ctx: ScoringContext, concepts) -> Scorer:
+        """Several concepts from the same forward passes (stopped at the highest concept layer):
+        the scorer returns ``[n, K]``."""
         from . import forward
 
-        lm, encoded, concept = ctx.model(), ctx.encoded(), ctx.plan.concept
-        return lambda idx: forward.vector_filter(lm, encoded, concept, idx, ctx.cfg.batch_size)
+        lm, encoded, concepts = ctx.model(), ctx.encoded(), list(concepts)
+        forward._directions(lm, concepts)  # a bad concept is refused before any forward pass
+        return lambda idx: forward.project(lm, encoded, idx, concepts, ctx.cfg.batch_size)
 
 
 class ProjectionDifference(Method):
@@ -171,7 +196,6 @@ class ProjectionDifference(Method):
         return out
 
     def prepare(self, ctx: ScoringContext) -> Scorer:
-        from ..models import generate
         from . import forward
 
         cfg, store = ctx.cfg, ctx.store
@@ -181,15 +205,16 @@ class ProjectionDifference(Method):
         gen_key = generation_key(cfg.max_new_tokens, gen_row["spec"])
         have = store.generations(ctx.plan.dataset["dataset_id"], gen_row["model_id"], gen_key)
         missing = [i for i in ctx.todo if i not in have]
-        step = max(cfg.batch_size, 1)
         t = time.perf_counter()
-        for s in range(0, len(missing), step):
-            chunk = missing[s:s + step]
-            outs = generate(lm_gen, [examples[i].prompt_messages for i in chunk],
-                            max_new_tokens=cfg.max_new_tokens, batch_size=step)
+
+        def save(chunk: list[int], outs: list[str], done: int) -> None:
             ctx.save_generations(gen_row["model_id"], gen_key, chunk, outs)
             have.update(zip(chunk, outs))
-            ctx.report("generate y'", (s + len(chunk)) / len(missing))
+            ctx.report("generate y'", done / len(missing))
+
+        generate_responses(lm_gen, [examples[i].prompt_messages for i in missing],
+                           cfg.max_new_tokens, generation_batch(cfg.batch_size),
+                           on_batch=lambda rows, outs, done: save([missing[r] for r in rows], outs, done))
         ctx.timings["generate_s"] = time.perf_counter() - t
         own = ctx.encode([examples[i].prompt_messages + [{"role": "assistant", "content": have[i]}]
                           for i in ctx.todo])
@@ -211,6 +236,7 @@ class GradientSimilarity(Method):
     collective = True
     run_fields = ("max_length", "curvature")
     cost = 3
+    sort_chunks_by_length = True
 
     def prepare(self, ctx: ScoringContext) -> Scorer:
         from . import gradient
@@ -293,6 +319,44 @@ def generation_key(max_new_tokens: int, generator) -> str:
     return config_hash(key)
 
 
+GENERATION_BATCH = 64
+"""Prompts per generation batch (at least the run's batch size): a greedy decoding step costs
+about the same for 16 rows as for 64 on a small model, so wide batches generate faster."""
+
+
+def generation_batch(batch_size: int) -> int:
+    return max(int(batch_size), GENERATION_BATCH)
+
+
+def generate_responses(lm, prompts, max_new_tokens: int, batch_size: int, on_batch=None) -> list[str]:
+    """Greedy responses to ``prompts`` (message lists), in their order, generated in batches of
+    prompts of similar token length (longest first), left-padded with an attention mask
+    (:func:`cinf_core.models.generate`), so little padding rides along.
+
+    ``on_batch(rows, responses, n_done)``: after each batch, ``rows`` its positions in
+    ``prompts``. Greedy decoding of a prompt does not depend on its batch: padded positions are
+    masked out of attention and positions count from each prompt's first token (tested equal
+    to one prompt at a time).
+    """
+    from ..models import generate
+
+    tok = lm.tokenizer
+    texts = [tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    out: list[str | None] = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        responses = generate(lm, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                             batch_size=len(rows))
+        for i, r in zip(rows, responses):
+            out[i] = r
+        if on_batch is not None:
+            on_batch(rows, responses, s + len(rows))
+    return out
+
+
 def _length_batches(ctx: ScoringContext) -> list[list[int]]:
     """Forward methods score batches of similar length (little padding), longest first."""
     from .forward import length_batches
@@ -300,13 +364,15 @@ def _length_batches(ctx: ScoringContext) -> list[list[int]]:
     return length_batches(ctx.encoded(), ctx.todo, ctx.cfg.batch_size)
 
 
-def _gradient_scorer(ctx: ScoringContext, precondition, below_layer: int | None = None) -> Scorer:
+def _gradient_scorer(ctx: ScoringContext, precondition, below_layer: int | None = None,
+                     all_columns: bool = False) -> Scorer:
     """Fit (or load) the EK-FAC factors, precondition the behaviour gradient once, and return
     the scorer of training gradients against it.
 
     ``precondition(lm, query_encodings, factors)`` returns a :class:`gradient.Prepared`. Under
     torchrun every rank joins the fit (``ctx.comm`` sums the covariances); rank 0 alone
-    preconditions and broadcasts the result (module names and tensors only).
+    preconditions and broadcasts the result (module names and tensors only). The scorer returns
+    ``[n]`` (the first behaviour row), or ``[n, K]`` with ``all_columns``.
     """
     from ..curvature import load_or_fit_factors
     from . import gradient
@@ -341,5 +407,8 @@ def _gradient_scorer(ctx: ScoringContext, precondition, below_layer: int | None 
         kind, names, queries, columns = ctx.comm.broadcast_object(payload)
         named = dict(lm.model.named_modules())
         prepared = gradient.Prepared(kind, {n: named[n] for n in names}, queries, columns)
-    return lambda idx: gradient.train_scores(lm, prepared, encoded, batch_size=cfg.batch_size,
-                                             indices=idx)[:, 0]
+    def scorer(idx):
+        scores = gradient.train_scores(lm, prepared, encoded, batch_size=cfg.batch_size, indices=idx)
+        return scores if all_columns else scores[:, 0]
+
+    return scorer
