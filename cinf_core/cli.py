@@ -973,9 +973,24 @@ def _features(p: argparse.ArgumentParser):
 @command("memory", "memory per rank for EK-FAC on common model sizes (from the factor shapes)")
 def _memory(p: argparse.ArgumentParser):
     def run(args):
-        from .methods.memory import memory_table
+        from .methods.memory import config_shapes, memory_table
 
-        rows = memory_table()
+        if args.model:
+            from transformers import AutoConfig
+
+            from .store import Store
+
+            row = Store(args.workspace).get_model(args.model)
+            spec = row["spec"]
+            cfg = config_shapes(AutoConfig.from_pretrained(
+                spec.path, trust_remote_code=spec.trust_remote_code))
+            ranks = {}
+            if spec.adapter:
+                adapter = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
+                ranks[row["name"]] = int(adapter["r"])
+            rows = memory_table({row["name"]: cfg}, ranks)
+        else:
+            rows = memory_table()
         print(f"{'model':15s} {'setting':36s} {'modules':>7s} {'factors':>9s} {'weights':>9s} "
               f"{'total GiB':>9s}", file=sys.stderr)
         for r in rows:
@@ -994,6 +1009,9 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--repeats", type=int, default=1,
                    help="run each side-by-side comparison this many times, alternating, and keep "
                         "the best of each side (steadier ratios on a busy machine)")
+    p.add_argument("--model", help="a model in the workspace (name, id or role): its own shapes "
+                                   "and LoRA rank instead of the public presets")
+
     p.add_argument("--distributed", action="store_true",
                    help="instead: torchrun with 1..N ranks vs one process, and a scaling model")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="world sizes (--distributed)")

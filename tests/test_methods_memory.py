@@ -20,3 +20,30 @@ def test_presets_are_consistent():
     qwen = estimate(PRESETS["Qwen2.5-7B"], weight_bytes=2)
     # 7.6B parameters in bf16 ~ 14 GiB
     assert 13 < qwen.weights_gib < 16
+
+
+def test_a_workspace_models_own_shapes(tiny_model_dir, tmp_path, capsys):
+    """memory --model reads the model's config: grouped-query k/v widths, a tied head counted
+    once, and the LoRA rank of its adapter."""
+    import json
+
+    from transformers import AutoConfig
+
+    from cinf_core.cli import main
+    from cinf_core.methods.memory import config_shapes
+
+    cfg = config_shapes(AutoConfig.from_pretrained(tiny_model_dir))
+    assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 3
+    tied = estimate({**cfg, "tie_word_embeddings": True}, weight_bytes=4)
+    untied = estimate({**cfg, "tie_word_embeddings": False}, weight_bytes=4)
+    assert (untied.weights_gib - tied.weights_gib) * 2**30 == pytest.approx(
+        4 * cfg["vocab_size"] * cfg["hidden_size"])
+    assert main(["add-model", str(tiny_model_dir), "--name", "tiny", "--workspace",
+                 str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["memory", "--model", "tiny", "--workspace", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["memory"]
+    assert [r["model"] for r in rows] == ["tiny"] * 4
+    assert rows[0]["factor_gib"] == estimate(cfg).as_dict()["factor_gib"]
+    with pytest.raises(ValueError, match="no intermediate_size"):
+        config_shapes({"hidden_size": 8})

@@ -68,23 +68,45 @@ def estimate(cfg: dict, block_stride: int = 1, kinds: str = "both", below_layer:
                 floats += i * i + o * o + (1 + n_behaviours) * i * o
                 biggest = max(biggest, i * o)
                 n_modules += 1
+    embeddings = 1 if cfg.get("tie_word_embeddings") else 2  # a tied head is the embedding
     params = (cfg["num_hidden_layers"] * sum(i * o for _, i, o in linear_shapes(cfg, "both"))
-              + 2 * cfg["vocab_size"] * cfg["hidden_size"])
+              + embeddings * cfg["vocab_size"] * cfg["hidden_size"])
     return MemoryEstimate(n_modules=n_modules, factor_gib=4 * floats / GIB,
                           weights_gib=weight_bytes * params / GIB,
                           batch_grad_gib=4 * batch_size * biggest / GIB)
 
 
-def memory_table() -> list[dict]:
-    """The README table: every preset under the settings users run."""
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def config_shapes(config) -> dict:
+    """The shapes :func:`estimate` needs, from a Hugging Face config (object or dict); refuses a
+    config that lacks them (an architecture that is not Llama/Qwen-style)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    cfg = {k: get(k) for k in SHAPE_KEYS}
+    cfg["num_key_value_heads"] = cfg["num_key_value_heads"] or cfg["num_attention_heads"]
+    cfg["tie_word_embeddings"] = bool(cfg["tie_word_embeddings"])
+    missing = [k for k, v in cfg.items() if v is None]
+    if missing:
+        raise ValueError(f"the model's config has no {', '.join(missing)}; memory estimates "
+                         "cover Llama/Qwen-style decoders")
+    return cfg
+
+
+def memory_table(models: dict[str, dict] | None = None,
+                 lora_ranks: dict[str, int] | None = None) -> list[dict]:
+    """The README table: every model (default: the presets) under the settings users run; LoRA
+    at the model's own rank where ``lora_ranks`` gives one, else r=32."""
     rows = []
-    for name, cfg in PRESETS.items():
+    for name, cfg in (models or PRESETS).items():
         n = cfg["num_hidden_layers"]
+        r = (lora_ranks or {}).get(name, 32)
         settings = [
             ("IF, all blocks", dict()),
             ("IF, every 4th block", dict(block_stride=4)),
             ("CI at layer 2L/3, every 4th block", dict(block_stride=4, below_layer=2 * n // 3)),
-            ("LoRA r=32 only, all blocks", dict(lora_rank=32)),
+            (f"LoRA r={r} only, all blocks", dict(lora_rank=r)),
         ]
         for label, kwargs in settings:
             rows.append({"model": name, "setting": label, **estimate(cfg, **kwargs).as_dict()})
