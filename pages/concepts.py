@@ -13,6 +13,7 @@ from cinf_core.jobs import job_input_file
 from cinf_core.store import Store
 from cinf_core.views.concepts import cosine_matrix, layer_norms
 from cinf_core.views.runs import json_dict
+from pages import _rank
 from pages import _shared as sh
 
 sh.header("Concepts", "Directions inside the model that stand for a trait: persona vectors, "
@@ -82,6 +83,35 @@ else:
             sh.chart(sh.style_fig(fig), key="concepts:cos")
         else:
             st.caption("Cosine similarities need at least two concepts of the same size.")
+
+if store is not None and not concepts.empty:
+    st.subheader("Rank the training data by a concept")
+    datasets = sh.read(Store.datasets)
+    query_sets = sh.read(Store.test_query_sets)
+    train = datasets[datasets["role"] == "train"] if not datasets.empty else datasets
+    if train.empty or query_sets.empty:
+        sh.empty_state("Ranking by a concept needs a training dataset and test queries.",
+                       "register them (`python -m cinf_core add-dataset`, `add-queries`), or "
+                       "build the demo world on **Overview**.")
+    elif _rank.index_ready("concepts", train.iloc[-1]["dataset_id"]) and not sh.read_only():
+        dataset_id = train.iloc[-1]["dataset_id"]
+        r1, r2 = st.columns(2)
+        names = dict(zip(concepts["concept_id"], concepts["name"]))
+        concept_id = r1.selectbox("Concept", list(concepts["concept_id"]), format_func=names.get,
+                                  key="concepts:rank:concept")
+        own = json_dict(concepts.set_index("concept_id").loc[concept_id, "config"]).get(
+            "info", {}).get("trait")
+        traits = sorted(query_sets["trait"].unique())
+        trait = r2.selectbox("Test queries of the trait", traits,
+                             index=traits.index(own) if own in traits else 0,
+                             key="concepts:rank:trait",
+                             help="Concept Influence measures the concept on these test queries.")
+        ranked = _rank.rank_button(f"concepts:{concept_id}:{trait}",
+                                   f"Rank the training data by {names[concept_id]}", trait,
+                                   dataset_id, lambda: [concept_id])
+        if ranked:
+            st.success(_rank.elapsed_line(ranked), icon=":material/timer:")
+            _rank.show_ranking(ranked, ranked["runs"][0])
 
 if not sh.read_only():  # a read-only app shows results only
     st.subheader("Make a concept")

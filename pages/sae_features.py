@@ -14,6 +14,7 @@ from cinf_core.views.features import (FEATURE_DEFINITION, feature_choices, featu
                                       feature_hits, feature_trait_share, sae_direction_choices,
                                       top_feature_bars)
 from cinf_core.views.labels import guess_trait_label, label_colors
+from pages import _rank
 from pages import _shared as sh
 
 # The paper's layout: the methods without a concept (the influence function) first, beside the
@@ -231,6 +232,19 @@ if not info.empty:
     m1.metric("Density (share of tokens firing)", f"{info['density'].iloc[0]:.1%}")
     m2.metric("Mean activation", f"{info['mean_act'].iloc[0]:.3g}")
     m3.metric("Max activation", f"{info['max_act'].iloc[0]:.3g}")
+st.markdown(f"**Rank the training data by {feature_name(feature)}**: its Concept Influence "
+            f"(f_c = the feature's pre-activation on the test queries of '{trait}') over every "
+            "training example, from the gradient index.")
+if _rank.index_ready("sae", dataset_id) and not sh.read_only():
+    ranked = _rank.rank_button(
+        f"sae:one:{sae['sae_id']}:{int(feature)}:{trait}",
+        f"Rank the training data by {feature_name(feature)}", trait, dataset_id,
+        lambda: _rank.index_runs.sae_feature_concepts(sh.workspace(), sae["name"], [int(feature)]),
+        help="Saves the feature as a concept (once), then one backward pass on the test queries "
+             "and one matrix product with the gradient index.")
+    if ranked:
+        st.success(_rank.elapsed_line(ranked), icon=":material/timer:")
+        _rank.show_ranking(ranked, ranked["runs"][0])
 if not detail.empty:
     ranks = detail.drop_duplicates("method")
     st.caption(" · ".join(f"{r.method}: rank {r.rank} of {r.n_features}"
@@ -270,3 +284,24 @@ else:
             st.caption(f"Response tokens coloured by the activation of {feature_name(feature)} "
                        "(full colour = its largest activation on the dataset). Hover a token "
                        "for its value.")
+
+st.subheader("Figure 4 for any features: Concept Influence per feature")
+st.caption("For each chosen feature j, Concept Influence with f_c = feature j's pre-activation on "
+           f"the test queries of '{trait}', summed over the training examples of each data group: "
+           "which data pushes each feature up. All features in one query over the gradient index "
+           "(one backward pass each, one matrix product).")
+if _rank.index_ready("sae:fig4", dataset_id, offer=False) and not sh.read_only():
+    n_features = int(features["feature"].max()) + 1 if not features.empty else 0
+    chosen = st.multiselect("Features", list(range(n_features)), default=candidates[:6],
+                            format_func=feature_name, key="sae:fig4:features", max_selections=40)
+    if chosen:
+        result = _rank.rank_button(
+            f"sae:fig4:{sae['sae_id']}:{trait}:{','.join(map(str, sorted(chosen)))}",
+            f"Compute Concept Influence for {len(chosen)} feature(s)", trait, dataset_id,
+            lambda: _rank.index_runs.sae_feature_concepts(sh.workspace(), sae["name"],
+                                                          sorted(int(j) for j in chosen)))
+        if result:
+            st.success(_rank.elapsed_line(result), icon=":material/timer:")
+            names = {r["concept_id"]: feature_name(j) for r, j in
+                     zip(result["runs"], sorted(int(j) for j in chosen))}
+            _rank.feature_influence_chart(result, names, key="sae:fig4:chart")

@@ -21,6 +21,9 @@ class ConceptInfluence(Method):
 
     ``window = K`` measures ``f_c`` only where each test answer starts: the last prompt token and
     the first K-1 answer tokens (its own method key, ``concept_influence@start<K>``).
+    ``index = k`` answers over the gradient index of projection dimension k
+    (:mod:`cinf_core.methods.index`: one backward on the test queries and a matrix product
+    instead of a pass over the training data; key ``concept_influence@index<k>``).
     """
 
     name = "concept_influence"
@@ -34,22 +37,32 @@ class ConceptInfluence(Method):
                    "on the test queries. EK-FAC only over blocks below the concept layer l.")
     needs_concept = needs_queries = needs_curvature = True
     collective = True
-    run_fields = ("max_length", "curvature", "concept_window")
+    run_fields = ("max_length", "curvature", "concept_window", "index")
     cost = 3
     sort_chunks_by_length = True
     in_figure4 = True
     VARIANT_SEP = "@start"
+    INDEX_SEP = "@index"
     WINDOW_COLOR = "#8C510A"
+    INDEX_COLOR = "#E69F00"
     WINDOW_FORMULA = (r"\mathrm{CI}_K(z_i) = -\nabla_\theta f_c^\top\,(H+\lambda I)^{-1}\,"
                       r"\nabla_\theta L(z_i),\quad f_c = \tfrac{1}{|W|}\textstyle\sum_{t \in W} "
                       r"h_{l,t}\cdot\hat v,\ W = \{r_0-1, \dots, r_0+K-2\}")
+    INDEX_FORMULA = (r"\widetilde{\mathrm{CI}}(z_i) = \textstyle\sum_m \big\langle U_m\,"
+                     r"\big[-(H+\lambda I)^{-1}\nabla_{\theta_m} f_c\big]\,V_m^\top,\ "
+                     r"T_m\,\nabla_{\theta_m} L(z_i)\,R_m^\top \big\rangle")
 
-    def __init__(self, window: int | None = None):
+    def __init__(self, window: int | None = None, index: int | None = None):
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 1):
             raise ValueError(f"concept_window must be a whole number of tokens >= 1 (or unset for "
                              f"all response tokens), got {window!r}")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)
+                                  or index < 1):
+            raise ValueError(f"index must be the gradient index's projection dimension, a whole "
+                             f"number >= 1 (or unset for the exact pass), got {index!r}")
         self.window = window
+        self.index = index
         if window is not None:  # the variant's own presentation (instance attributes)
             self.label = f"{type(self).label} (answer start, {window} tok)"
             self.short = f"{type(self).short}@{window}"
@@ -60,40 +73,91 @@ class ConceptInfluence(Method):
                 f"prompt token (r_0 is the first answer token) and the first {window - 1} answer "
                 f"token(s), where the model commits to how it answers, instead of over the whole "
                 f"teacher-forced answer.")
+        if index is not None:
+            base = self.label
+            self.label = (f"{base[:-1]}, gradient index k={index})" if window is not None
+                          else f"{base} (gradient index, k={index})")
+            self.short = f"{self.short}~{index}"
+            self.color = self.INDEX_COLOR
+            self.formula = self.INDEX_FORMULA
+            self.explanation = (
+                "Concept Influence answered from the gradient index: every training gradient was "
+                "stored once, rotated into the EK-FAC eigenbasis, half-whitened and compressed by "
+                f"a fixed random projection (dimension {index}); a concept costs one backward pass "
+                "on the test queries and one matrix product. An unbiased estimate of the exact "
+                "score (exact when the dimension reaches the modules' full size).")
 
     @property
     def key(self) -> str:
-        return self.name if self.window is None else f"{self.name}{self.VARIANT_SEP}{self.window}"
+        key = self.name if self.window is None else f"{self.name}{self.VARIANT_SEP}{self.window}"
+        return key if self.index is None else f"{key}{self.INDEX_SEP}{self.index}"
 
     @property
     def options(self) -> dict[str, Any]:
-        return {} if self.window is None else {"concept_window": self.window}
+        out: dict[str, Any] = {} if self.window is None else {"concept_window": self.window}
+        if self.index is not None:
+            out["index"] = self.index
+        return out
 
     def variant(self, config: Mapping[str, Any]) -> Method:
         window = (config or {}).get("concept_window")
-        return self if window == self.window else ConceptInfluence(int(window) if window else None)
+        index = (config or {}).get("index")
+        if isinstance(index, Mapping):  # a stored run's config records the index's options
+            index = index.get("dim")
+        window, index = (int(window) if window else None), (int(index) if index else None)
+        if window == self.window and index == self.index:
+            return self
+        return ConceptInfluence(window, index)
 
     def variant_for_key(self, key: str) -> Method | None:
-        base, sep, window = key.partition(self.VARIANT_SEP)
+        base, *parts = key.split("@")
         if base != self.name:
-            if sep:
-                raise ValueError(f"concept_window applies to concept_influence only, not {base}; "
-                                 f"leave it unset")
+            if parts:
+                option = "index" if parts[0].startswith("index") else "concept_window"
+                raise ValueError(f"{option} applies to concept_influence only, not {base}; "
+                                 "leave it unset")
             return None
-        if not sep:
-            return ConceptInfluence() if self.window is not None else self
-        if not window.isdigit():
-            raise ValueError(f"method {key!r}: the answer-start window must be a whole number "
-                             f"of tokens, as in {self.name}{self.VARIANT_SEP}3")
-        return ConceptInfluence(int(window))
+        window = index = None
+        for part in parts:
+            tag = "@" + part
+            if tag.startswith(self.VARIANT_SEP) and window is None:
+                window = tag[len(self.VARIANT_SEP):]
+                if not window.isdigit():
+                    raise ValueError(f"method {key!r}: the answer-start window must be a whole "
+                                     f"number of tokens, as in {self.name}{self.VARIANT_SEP}3")
+            elif tag.startswith(self.INDEX_SEP) and index is None:
+                index = tag[len(self.INDEX_SEP):]
+                if not index.isdigit():
+                    raise ValueError(f"method {key!r}: the gradient index's dimension must be a "
+                                     f"whole number, as in {self.name}{self.INDEX_SEP}32")
+            else:
+                raise ValueError(f"method {key!r}: unknown variant @{part}; use "
+                                 f"{self.name}{self.VARIANT_SEP}K and/or {self.name}"
+                                 f"{self.INDEX_SEP}K")
+        return self.variant({"concept_window": window, "index": index})
 
     def run_config(self, cfg, inputs: RunInputs) -> dict[str, Any]:
         out = super().run_config(cfg, inputs)
         if out["concept_window"] is None:  # runs scored before the option existed keep their ids
             del out["concept_window"]
+        if out["index"] is None:
+            del out["index"]
+        else:
+            from .index import run_option
+
+            out["index"] = run_option(out["index"])
         return out
 
+    def chunks(self, ctx: ScoringContext) -> list[list[int]]:
+        if self.index is not None:  # one matrix product answers every example at once
+            return [ctx.todo] if ctx.todo else []
+        return super().chunks(ctx)
+
     def prepare(self, ctx: ScoringContext) -> Scorer:
+        if self.index is not None:
+            from .index import index_scorer
+
+            return index_scorer(ctx)
         from . import gradient
 
         def precondition(lm, query_enc, factors):

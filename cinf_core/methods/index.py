@@ -70,8 +70,10 @@ from ..data import EncodedExample, collate
 from ..progress import ProgressFn
 from ..store import config_hash
 
-DEFAULT_DIM = 32
-"""Projection dimension per side (``k_out = min(k, out)``, ``k_in = min(k, in)``) by default."""
+DEFAULT_DIM = 96
+"""Average projection dimension per side: a budget of ``dim**2`` stored values per tracked module,
+shared across modules by their whitened energy (:func:`allocate`). 96 keeps Spearman >= 0.9
+against the exact scores on the demo world (README); smaller is a smaller, noisier index."""
 DTYPES = ("float16", "float32")
 CHUNK = 64
 """Examples per resumable unit of the build."""

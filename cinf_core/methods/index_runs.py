@@ -159,7 +159,7 @@ def index_command(args: argparse.Namespace, progress: ProgressFn = None) -> dict
         from .distributed import init_process_group
 
         comm = init_process_group()
-    if args.features and not args.sae:
+    if args.feature and not args.sae:
         raise ValueError("--feature needs --sae (the SAE the features belong to)")
     curvature = {} if args.damping is None else {"damping": args.damping}
     below = None if args.all_blocks else (args.below_layer if args.below_layer is not None
@@ -179,8 +179,8 @@ def index_command(args: argparse.Namespace, progress: ProgressFn = None) -> dict
           file=sys.stderr)
     out = {"index": summary}
     concepts = list(args.concept)
-    if args.features:
-        concepts += sae_feature_concepts(args.workspace, args.sae, args.features)
+    if args.feature:
+        concepts += sae_feature_concepts(args.workspace, args.sae, args.feature)
     if not concepts:
         return out
     store = Store(args.workspace)
