@@ -114,11 +114,18 @@ def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length:
             kron = _kronfluence_ratio(sstore, lm, encoded, trait, batch_size, max_length, repeats)
             if "skipped" not in kron:
                 ratios["if_over_kronfluence"] = kron["cinf_s"] / kron["kronfluence_s"]
+        from .index_runs import bench_index  # the gradient index against this CI pass
+
+        indexed = bench_index(scratch, trait, batch_size=batch_size, max_length=max_length,
+                              ci_pass_s=wall["concept_influence"], scratch=scratch,
+                              concepts=list(store.concepts()["concept_id"]), progress=progress)
+        ratios.update(indexed["ratios"])
         return {"trait": trait, "n_examples": len(encoded), "batch_size": batch_size,
                 "torch_threads": torch.get_num_threads(), "repeats": repeats, "methods": results,
                 "forward_limit": {"wall_s": forward_s, "examples_per_s": forward_eps},
                 "truncated_forward": truncated, "k_concepts": several, "score_passes": passes,
-                "generation": generation, "kronfluence": kron, "ratios": ratios}
+                "generation": generation, "kronfluence": kron, "index": indexed["index"],
+                "ratios": ratios}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -241,11 +241,15 @@ def _scratch(workspace) -> Path:
     return dst
 
 
-def _concepts_and_traits(store: Store, trait: str) -> list[tuple[str, str]]:
-    """Every stored concept with the trait whose test queries measure it: its own, else ``trait``."""
+def _concepts_and_traits(store: Store, trait: str, concepts: Sequence[str] | None = None
+                         ) -> list[tuple[str, str]]:
+    """Each stored concept (``concepts``' ids, default all) with the trait whose test queries
+    measure it: its own, else ``trait``."""
     traits = set(store.traits())
     out = []
     for r in store.concepts().to_dict(orient="records"):
+        if concepts is not None and r["concept_id"] not in concepts:
+            continue
         own = json.loads(r["config"]).get("info", {}).get("trait")
         out.append((r["concept_id"], own if own in traits else trait))
     return out
@@ -253,10 +257,11 @@ def _concepts_and_traits(store: Store, trait: str) -> list[tuple[str, str]]:
 
 def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None = None,
                 batch_size: int = 16, max_length: int = 256, ci_pass_s: float | None = None,
-                scratch: str | Path | None = None, progress: ProgressFn = None) -> dict:
+                scratch: str | Path | None = None, concepts: Sequence[str] | None = None,
+                progress: ProgressFn = None) -> dict:
     """The index's accuracy, size and speed on a workspace, measured side by side.
 
-    For each dimension of ``dims`` (default: half, one and four times :data:`DEFAULT_DIM`):
+    For each dimension of ``dims`` (default: a half, two thirds and all of :data:`DEFAULT_DIM`):
     Spearman per concept of the index's Concept Influence against the exact (unprojected)
     EK-FAC scores (:func:`gradient.concept_influence`, every stored concept on its trait's test
     queries), bytes per example and the pass time. At the default dimension: the index build
@@ -264,7 +269,9 @@ def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None 
     and a new concept's query as ``score --method concept_influence --index K`` runs it (the
     median over the concepts; model load excluded as in every run's wall time). ``ci_pass_s``:
     the wall time of one exact Concept Influence run measured by the caller (``bench``); else it
-    is measured here, in the same scratch copy, with a fresh factor cache.
+    is measured here, in the same scratch copy, with a fresh factor cache. ``scratch``: a
+    throwaway copy to work in (``bench``'s; default: one made here). ``concepts``: the concept
+    ids to measure (default: every stored concept).
     Returns ``{"index": {...}, "ratios": {...}}`` for ``bench``'s JSON.
     """
     from scipy.stats import spearmanr
@@ -274,7 +281,7 @@ def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None 
     from .gradient import concept_influence
     from .runner import score
 
-    dims = list(dims or (DEFAULT_DIM // 2, DEFAULT_DIM, DEFAULT_DIM * 4))
+    dims = list(dims or (DEFAULT_DIM // 2, 2 * DEFAULT_DIM // 3, DEFAULT_DIM))
     if DEFAULT_DIM not in dims:
         dims.append(DEFAULT_DIM)
     own_scratch = scratch is None
@@ -293,7 +300,7 @@ def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None 
             summary = score(ws, ScoreConfig(method="concept_influence", trait=trait,
                                             batch_size=batch_size, max_length=max_length))
             ci_pass_s = summary["wall_s"]
-        pairs = _concepts_and_traits(store, trait)
+        pairs = _concepts_and_traits(store, trait, concepts)
         row = store.get_model("finetuned")
         lm = cached_model(row["spec"])
         encoded, _ = encode_dataset(lm.tokenizer, store.load_dataset("train").examples, max_length)
@@ -340,8 +347,9 @@ def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None 
                                "width": b["width"], "pass_s": b["pass_s"]}
         # A new concept's query as a user runs it: one `score --index` run per concept.
         report("bench: concept queries", (len(dims) + 1) / (len(dims) + 2))
-        for run_id in store.runs()["run_id"]:
-            store._drop_run(run_id)
+        for run in store.runs(method="concept_influence").to_dict(orient="records"):
+            if "index" in json.loads(run["config"]):  # the rankings above: ask again, afresh
+                store._drop_run(run["run_id"])
         query_s = []
         for concept_id, t in pairs:
             summary = score(ws, ScoreConfig(method="concept_influence", trait=t, concept=concept_id,
