@@ -564,19 +564,30 @@ class Store:
         return {int(r[0]) for r in self._query("SELECT idx FROM scores WHERE run_id = ?", [run_id])}
 
     def _add_scores(self, run_id: str, indices: Sequence[int], scores: Sequence[float]) -> None:
-        if len(indices) != len(scores):
-            raise ValueError(f"{len(indices)} indices but {len(scores)} scores")
-        values = np.asarray(scores, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError(f"run {run_id}: scores contain NaN/inf; refusing to store them")
-        frame = pd.DataFrame({"run_id": run_id, "idx": np.asarray(indices, dtype=np.int32),
-                              "score": values})
+        self._add_scores_many([(run_id, indices, scores)])
+
+    def _add_scores_many(self, batches: Sequence[tuple[str, Sequence[int], Sequence[float]]]) -> None:
+        """Scores of several runs ``(run_id, indices, scores)`` in one transaction (the runs of
+        one multi-concept pass)."""
+        frames = []
+        for run_id, indices, scores in batches:
+            if len(indices) != len(scores):
+                raise ValueError(f"{len(indices)} indices but {len(scores)} scores")
+            values = np.asarray(scores, dtype=np.float64)
+            if not np.isfinite(values).all():
+                raise ValueError(f"run {run_id}: scores contain NaN/inf; refusing to store them")
+            frames.append(pd.DataFrame({"run_id": run_id, "idx": np.asarray(indices, dtype=np.int32),
+                                        "score": values}))
+        if not frames:
+            return
+        frame = pd.concat(frames, ignore_index=True)
         with self._transaction() as con:
             con.register("new_scores", frame)
             con.execute("INSERT OR REPLACE INTO scores SELECT run_id, idx, score FROM new_scores")
             con.unregister("new_scores")
-            con.execute("UPDATE runs SET n_done = (SELECT count(*) FROM scores WHERE run_id = ?) "
-                        "WHERE run_id = ?", [run_id, run_id])
+            for run_id in dict.fromkeys(b[0] for b in batches):
+                con.execute("UPDATE runs SET n_done = (SELECT count(*) FROM scores WHERE run_id = ?) "
+                            "WHERE run_id = ?", [run_id, run_id])
 
     def _complete_run(self, run_id: str, wall_s: float, timings: dict) -> None:
         """Mark a run complete once every example has a score (a run already complete is left

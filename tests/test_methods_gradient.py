@@ -268,6 +268,45 @@ def test_sign_matches_retraining():
         assert agree >= 8, (kind, agree)
 
 
+def test_grad_sim_pass_does_the_same_work_as_influence_function(world, factors):
+    """Gradient similarity's training pass is Influence Function's with the raw test gradient in
+    place of the preconditioned one: the same modules, rows and dtype (so never more work), and
+    each pass reports its time split."""
+    from cinf_core.methods.gradient import prepare_grad_sim, prepare_influence_function
+
+    lm = world.lm
+    gs = prepare_grad_sim(lm, world.queries, factors.config)
+    inf = prepare_influence_function(lm, world.queries, factors)
+    assert list(gs.modules) == list(inf.modules) and gs.columns == inf.columns == ["test_loss"]
+    for name in gs.queries:
+        assert gs.queries[name].shape == inf.queries[name].shape
+        assert gs.queries[name].dtype == inf.queries[name].dtype
+    timings = {}
+    train_scores(lm, gs, world.train, batch_size=5, timings=timings)
+    assert 0 < timings["products_s"] < timings["pass_s"]
+
+
+def test_sampled_labels_are_drawn_once_and_reused(world):
+    """The fit's second pass reuses each example's sampled labels: the same draw as a fresh one
+    (same seed, same logits), so the cache changes no factor."""
+    from cinf_core.curvature.ekfac import lm_loss_fn
+
+    lm = world.lm
+    cfg = CurvatureConfig(fisher="sampled", seed=3)
+    batch = collate(world.train[:4], lm.pad_token_id)
+    cache = {}
+    first = response_losses(lm.model, batch, sample_seeds=[10, 11, 12, 13], sample_cache=cache)
+    assert sorted(cache) == [10, 11, 12, 13]
+    fresh = response_losses(lm.model, batch, sample_seeds=[10, 11, 12, 13])
+    again = response_losses(lm.model, batch, sample_seeds=[10, 11, 12, 13], sample_cache=cache)
+    assert torch.equal(first, fresh) and torch.equal(first, again)
+    loss = lm_loss_fn(cfg)
+    with torch.no_grad():
+        a = loss(lm.model, batch, [0, 1, 2, 3])
+        b = loss(lm.model, collate(world.train[2:4], lm.pad_token_id), [2, 3])  # rebatched
+    torch.testing.assert_close(a[2:], b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- errors
 
 

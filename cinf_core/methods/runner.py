@@ -175,11 +175,14 @@ def _stream_scores(ctx: ScoringContext, runs, scorer=None) -> None:
 
     def flush():
         nonlocal last_flush
-        for (handle, _), (idx, val) in zip(runs, pending):
-            if idx:
-                handle.add_scores(idx, val)
-                idx.clear()
-                val.clear()
+        ready = [(handle, idx, val) for (handle, _), (idx, val) in zip(runs, pending) if idx]
+        if len(ready) == 1:
+            ready[0][0].add_scores(ready[0][1], ready[0][2])
+        elif ready:  # one transaction for every run of the pass
+            ctx.store._add_scores_many([(h.run_id, idx, val) for h, idx, val in ready])
+        for _, idx, val in ready:
+            idx.clear()
+            val.clear()
         last_flush = time.perf_counter()
 
     if not todo:
