@@ -64,7 +64,9 @@ class Communicator:
             owner = k % self.world
             m = matrices[name]
             if self.rank == owner:
-                vecs = torch.linalg.eigh(m.double())[1].float()
+                # eigh returns column-major eigenvectors; a collective sends a tensor's storage
+                # in memory order, so a non-contiguous one arrives transposed on the other ranks
+                vecs = torch.linalg.eigh(m.double())[1].float().contiguous()
             else:
                 vecs = torch.empty(m.shape, dtype=torch.float32)
             buf = vecs.to(self.device)
