@@ -247,32 +247,32 @@ def _add_model(p: argparse.ArgumentParser):
     return run
 
 
-@command("finetune", "train a LoRA adapter on a dataset over a base model and register the "
-                     "fine-tuned model (resumable: the same recipe and seed reuse the adapter)")
+@command("finetune", "train a LoRA adapter over a base model on a dataset and register base and "
+                     "adapter as a model (the same recipe and seed reuse the adapter)")
 def _finetune(p: argparse.ArgumentParser):
-    from .finetune import LoraRecipe
-
-    defaults = LoraRecipe()
     p.add_argument("--model", default="base", help="base model (name, id or role; default: base)")
     p.add_argument("--dataset", default="train", help="fine-tuning dataset (default: train)")
     p.add_argument("--name", default="finetuned", help="name of the fine-tuned model")
-    p.add_argument("--role", default="finetuned")
-    p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
-    p.add_argument("--alpha", type=int, default=defaults.alpha)
-    p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
-    p.add_argument("--epochs", type=float, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--max-length", type=int, default=defaults.max_length,
-                   help="tokens per example (longer ones are trimmed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--role", default="finetuned", help="role of the fine-tuned model")
+    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=int, help="LoRA alpha (default 32)")
+    p.add_argument("--target-modules", nargs="+",
+                   help="module names to adapt (default: every attention and MLP projection)")
+    p.add_argument("--epochs", type=float, help="passes over the examples (default 2)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-3)")
+    p.add_argument("--max-length", type=int,
+                   help="tokens per example, longer ones trimmed (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter's init and order")
 
     def run(args):
-        from .finetune import finetune_registered
+        from .finetune import LoraRecipe, finetune_registered
 
-        recipe = LoraRecipe(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules),
-                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            max_length=args.max_length)
+        given = {k: getattr(args, k) for k in ("r", "alpha", "epochs", "batch_size", "lr",
+                                               "max_length") if getattr(args, k) is not None}
+        if args.target_modules:
+            given["target_modules"] = tuple(args.target_modules)
+        recipe = LoraRecipe(**given)
         progress = ProgressBar(not args.no_progress)
         try:
             return finetune_registered(args.workspace, args.model, args.dataset, args.name, recipe,
@@ -291,7 +291,7 @@ def _train_judge(p: argparse.ArgumentParser):
                    help="share of each label held out to measure accuracy (default 0.3)")
     p.add_argument("--negative", default="normal",
                    help="label of answers that express no trait (default: normal)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
 
     def run(args):
         from .experiments.judges import train_classifier_judge
@@ -316,9 +316,10 @@ def _train_sae(p: argparse.ArgumentParser):
                    help="token activations collected (at most the dataset's tokens)")
     p.add_argument("--training-tokens", type=int, default=400_000,
                    help="activation vectors seen in training")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--max-length", type=int, default=256,
+                   help="tokens per example read (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and the training")
 
     def run(args):
         from .concepts.features import train_workspace_sae
@@ -972,6 +973,9 @@ def _features(p: argparse.ArgumentParser):
 
 @command("memory", "memory per rank for EK-FAC on common model sizes (from the factor shapes)")
 def _memory(p: argparse.ArgumentParser):
+    p.add_argument("--model", help="a model in the workspace (name, id or role): its own shapes "
+                                   "and LoRA rank instead of the public presets")
+
     def run(args):
         from .methods.memory import config_shapes, memory_table
 
@@ -1009,9 +1013,6 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--repeats", type=int, default=1,
                    help="run each side-by-side comparison this many times, alternating, and keep "
                         "the best of each side (steadier ratios on a busy machine)")
-    p.add_argument("--model", help="a model in the workspace (name, id or role): its own shapes "
-                                   "and LoRA rank instead of the public presets")
-
     p.add_argument("--distributed", action="store_true",
                    help="instead: torchrun with 1..N ranks vs one process, and a scaling model")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="world sizes (--distributed)")
