@@ -307,6 +307,47 @@ def test_sampled_labels_are_drawn_once_and_reused(world):
     torch.testing.assert_close(a[2:], b, rtol=1e-5, atol=1e-6)
 
 
+def test_output_layer_on_response_positions_only_gives_the_same_losses(world):
+    """response_losses applies the output layer to response positions only once the model passed
+    check_response_head: the same per-example losses as the model's own forward; a model that
+    scales its logits after the output layer keeps its own forward."""
+    from types import SimpleNamespace
+
+    from cinf_core.curvature import lm as lm_mod
+
+    model = copy.deepcopy(world.lm.model)
+    batch = collate(world.train[:5], world.lm.pad_token_id)
+    slow = response_losses(model, batch)  # not checked yet: the model's own forward
+    assert lm_mod.check_response_head(model, batch) and lm_mod._HEAD_OK[model]
+    fast = response_losses(model, batch)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+
+    class Scaled(torch.nn.Module):  # logits x 2 after the output layer (as a softcap would change them)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_decoder(self):
+            return self.inner.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=2 * self.inner(**kwargs).logits)
+
+    scaled = Scaled(model)
+    assert not lm_mod.check_response_head(scaled, batch)
+    with torch.no_grad():
+        logits = 2 * model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    direct = torch.stack([
+        sum(torch.nn.functional.cross_entropy(logits[b, t], batch["labels"][b, t + 1], reduction="sum")
+            for t in range(logits.shape[1] - 1) if batch["labels"][b, t + 1] != -100)
+        for b in range(logits.shape[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(response_losses(scaled, batch), direct, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import batches
+from ..data import batches, collate
 from ..progress import ExamplesDoneFn
 from .config import CurvatureConfig
-from .lm import as_encoded, check_examples, response_losses
+from .lm import as_encoded, check_examples, check_response_head, response_losses
 from .modules import select_modules
 from .tape import LinearTape, eval_mode, grad_shape
 
@@ -346,6 +346,8 @@ def fit_factors(
     mine = (range(len(encoded)) if comm is None
             else np.array_split(np.arange(len(encoded)), comm.world)[comm.rank].tolist())
     order = sorted(mine, key=lambda i: -len(encoded[i].input_ids))
+    if order:
+        check_response_head(lm.model, collate([encoded[i] for i in order[:cfg.batch_size]], lm.pad_token_id))
     factors, n_examples, n_tokens = fit_ekfac(
         lm.model, modules, lambda: batches(encoded, cfg.batch_size, lm.pad_token_id, order), lm_loss_fn(cfg),
         progress, comm=comm, timings=timings)

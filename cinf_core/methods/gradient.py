@@ -35,7 +35,7 @@ from torch import nn
 from ..concepts.base import Concept, check_vector
 from ..curvature.config import CurvatureConfig
 from ..curvature.ekfac import EKFACFactors, precondition
-from ..curvature.lm import check_examples, response_losses
+from ..curvature.lm import check_examples, check_response_head, response_losses
 from ..curvature.modules import select_modules
 from ..curvature.tape import LinearTape, eval_mode, grad_shape
 from ..data import EncodedExample, answer_start_window, collate
@@ -203,6 +203,7 @@ def _loss_gradients(
         else:
             grads[name][0] += torch.einsum("bto,bti->oi", g, a).double() / n
 
+    check_response_head(lm.model, collate(queries[:batch_size], lm.pad_token_id))
     with eval_mode(lm.model), LinearTape(modules, collect, mask_grads=False) as tape:
         for start in range(0, n, batch_size):
             batch = collate(queries[start: start + batch_size], lm.pad_token_id)
@@ -291,6 +292,9 @@ def train_scores(
         scores.index_add_(0, rows, s.double().cpu())
 
     start_time = time.perf_counter()
+    if by_length:
+        check_response_head(lm.model, collate([train[order[r]] for r in by_length[:batch_size]],
+                                              lm.pad_token_id))
     with eval_mode(lm.model), LinearTape(modules, score, mask_grads=False) as tape:
         for start in range(0, len(by_length), batch_size):
             batch_rows = by_length[start: start + batch_size]
