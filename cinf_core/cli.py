@@ -734,6 +734,9 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
                    help="concept_influence: measure the concept over the K positions where each test "
                         "answer starts (its last prompt token and first K-1 answer tokens) instead of "
                         "over all response tokens")
+    p.add_argument("--index", type=int, metavar="K",
+                   help="concept_influence: answer over the gradient index of projection dimension K "
+                        "(`python -m cinf_core index --dim K` builds it once; seconds per concept)")
 
 
 def _score_config(args):
@@ -744,7 +747,7 @@ def _score_config(args):
                        dataset=args.dataset, model=args.model, batch_size=args.batch_size,
                        max_length=args.max_length, seed=args.seed, generator=args.generator,
                        n_queries=args.n_queries, curvature=curvature,
-                       concept_window=args.concept_window)
+                       concept_window=args.concept_window, index=args.index)
 
 
 @command("score", "score the training set with one method (cached; resumes a killed run; "
@@ -968,6 +971,25 @@ def _features(p: argparse.ArgumentParser):
                         "trait_share_top": trait_share(top, trait),
                         "top_features": top["feature"].astype(int).tolist()}
         return {**summary, "figure4": shares}
+    return run
+
+
+@command("index", "build the gradient index once (one pass, resumable; under torchrun the "
+                  "ranks share it), then rank the training data by any concept in seconds")
+def _index(p: argparse.ArgumentParser):
+    from .methods.index_runs import index_arguments
+
+    index_arguments(p)
+
+    def run(args):
+        from .methods.index_runs import index_command
+
+        rank = int(os.environ.get("RANK", "0"))
+        progress = ProgressBar(not args.no_progress and rank == 0)
+        try:
+            return index_command(args, progress=progress)
+        finally:
+            progress.close()
     return run
 
 

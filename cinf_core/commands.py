@@ -7,5 +7,5 @@ them by name and check a job's command against this list without importing the C
 SUBCOMMANDS = (
     "demo", "app", "add-dataset", "add-model", "finetune", "set-judge", "train-judge", "train-sae", "add-concept", "concepts", "datasets",
     "add-sae", "saes", "add-queries", "queries", "models", "runs", "export", "score", "merge",
-    "evaluate", "results", "retrain", "features", "memory", "bench",
+    "evaluate", "results", "retrain", "features", "memory", "bench", "index",
 )

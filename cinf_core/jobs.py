@@ -70,6 +70,7 @@ JOB_KINDS: dict[str, JobKind] = {k.command: k for k in [
     JobKind("score", "Score the training set"),
     JobKind("retrain", "Filter and retrain experiment"),
     JobKind("features", "SAE feature data and attribution"),
+    JobKind("index", "Build the gradient index (and rank concepts over it)"),
     JobKind("evaluate", "Evaluate methods against labels"),
     JobKind("results", "Compute the results (every method, SAE features, filter and retrain)"),
     JobKind("add-dataset", "Register a dataset"),
