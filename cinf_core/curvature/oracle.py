@@ -18,7 +18,7 @@ import torch
 
 from ..data import EncodedExample, collate
 from .config import CurvatureConfig
-from .lm import check_examples, response_losses
+from .lm import check_examples, check_response_head, response_losses
 from .modules import select_modules
 
 KRONFLUENCE_HEURISTIC_DAMPING = 0.1
@@ -88,6 +88,8 @@ def kronfluence_influence(
     task = ResponseLossTask()
     model = prepare_model(copy.deepcopy(lm.model).eval(), task)
     pad = lm.pad_token_id
+    # The same loss code as cinf's passes: the output layer on response positions only.
+    check_response_head(model, collate(list(train[:cfg.batch_size]), pad))
     loader = DataLoaderKwargs(collate_fn=lambda items: collate(items, pad))
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp, warnings.catch_warnings():
         # Kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler, deprecated in torch 2.x.
