@@ -120,8 +120,8 @@ def feature_influence_chart(result: dict, names: dict[str, str], key: str) -> No
         part = bars[bars["grp"] == grp]
         fig.add_bar(y=part["concept"], x=part["influence"], name=f"from {grp} data",
                     orientation="h", marker_color=colors[grp])
-    fig.update_layout(barmode="relative",
-                      title=f"Concept Influence of each feature on '{result['trait']}' test queries")
+    fig.update_layout(barmode="relative", title=f"Concept Influence of each feature on "
+                                                f"'{result['trait']}' test queries")
     fig.update_yaxes(categoryorder="array", categoryarray=order[::-1], title=None)
     fig.update_xaxes(title="Σ CI score over the group's training examples")
     sh.chart(sh.style_fig(fig, 140 + 30 * len(order)), key=key)

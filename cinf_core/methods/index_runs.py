@@ -340,7 +340,8 @@ def bench_index(workspace, trait: str | None = None, dims: Sequence[int] | None 
                                        max_length=max_length)
                 for r in ranked["runs"]:
                     got = store.scores(r["run_id"])["score"].to_numpy()
-                    rhos[names[r["concept_id"]]] = float(spearmanr(got, exact[r["concept_id"]]).statistic)
+                    rho = spearmanr(got, exact[r["concept_id"]]).statistic
+                    rhos[names[r["concept_id"]]] = float(rho)
             b = builds[dim]
             table[str(dim)] = {"spearman_median": float(np.median(list(rhos.values()))),
                                "spearman": rhos, "bytes_per_example": b["bytes_per_example"],
