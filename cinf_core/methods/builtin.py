@@ -232,8 +232,9 @@ class VectorFilter(Method):
         from . import forward
 
         lm, encoded, concepts = ctx.model(), ctx.encoded(), list(concepts)
-        forward._directions(lm, concepts)  # a bad concept is refused before any forward pass
-        return lambda idx: forward.project(lm, encoded, idx, concepts, ctx.cfg.batch_size)
+        directions = forward._directions(lm, concepts)  # a bad concept is refused here, once
+        return lambda idx: forward.project(lm, encoded, idx, concepts, ctx.cfg.batch_size,
+                                           directions=directions)
 
 
 class ProjectionDifference(Method):
