@@ -80,6 +80,7 @@ def test_influence_timing_splits_cinf_time_by_stage(workspace):
     out = time_influence_vs_kronfluence(lm, train, queries, CurvatureConfig(batch_size=4), repeats=2)
     assert len(out["cinf_runs_s"]) == len(out["kronfluence_runs_s"]) == 2
     assert out["cinf_s"] == min(out["cinf_runs_s"]) and out["spearman"] >= 0.9
+    assert out["cpu_ratio"] == pytest.approx(min(out["kronfluence_cpu_s"]) / min(out["cinf_cpu_s"]))
     split = out["cinf_split_s"]
     assert set(split) == {"forward_backward_s", "covariances_s", "eigh_s", "eigenvalue_correction_s",
                           "test_gradients_preconditioning_s", "score_products_s"}
