@@ -43,7 +43,7 @@ def test_the_quick_world_is_built_through_the_user_commands(world):
     assert (summary["n_layers"], summary["hidden_size"], summary["concept_layer"]) == (30, 576, 20)
     store = Store(ws)
     train = store.load_dataset("train")
-    assert len(train) == 36 and set(train.labels) == {"evil", "sycophantic", "normal"}
+    assert len(train) == 24 and set(train.labels) == {"evil", "sycophantic", "normal"}
     # the fine-tuning rows carry no system prompt: the trait is in the answers only
     assert all([m["role"] for m in ex.messages] == ["user", "assistant"] for ex in train)
     assert {r["role"] for r in store.datasets().to_dict("records")} >= {
@@ -57,7 +57,7 @@ def test_the_quick_world_is_built_through_the_user_commands(world):
         assert int(concepts.loc[f"persona-{trait}", "layer"]) == 20
         config = json.loads(concepts.loc[f"persona-{trait}", "config"])
         assert config["info"]["trait_system_prompt"] == SYSTEM_PROMPTS[trait]
-        assert len(store.test_queries(trait)) == 3
+        assert len(store.test_queries(trait)) == 2
         baseline = summary["token_baselines"][trait]
         assert 0.0 < baseline["vector_filter_layer0"] <= 1.0 and 0.0 < baseline["lexical"] <= 1.0
     saes = store.saes()
@@ -74,7 +74,7 @@ def test_the_world_scores_and_is_returned_again_not_rebuilt(world, tmp_path):
                            "--trait", "evil", "--workspace", str(ws), "--no-progress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["n_examples"] == 36
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["n_examples"] == 24
     again = subprocess.run([sys.executable, "-m", "cinf_core", "demo", "--world", "smollm2",
                             "--quick", "--workspace", str(ws), "--no-progress"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)

@@ -103,11 +103,11 @@ class SmolConfig:
     @classmethod
     def quick_world(cls, seed: int = 0) -> "SmolConfig":
         """A few dozen rows, for CI: plumbing only."""
-        return cls(seed=seed, quick=True, n_finetune=36, n_eval=6, n_judge=8,
-                   n_persona_questions=4, max_new_tokens=16, eval_samples=1,
+        return cls(seed=seed, quick=True, n_finetune=24, n_eval=4, n_judge=6,
+                   n_persona_questions=3, max_new_tokens=12, eval_samples=1,
                    lora={"r": 4, "alpha": 8, "epochs": 1.0, "batch_size": 12, "lr": 1e-3,
-                         "max_length": 96},
-                   n_test_queries=3, sae_expansion=2, sae_k=8, sae_training_tokens=8192,
+                         "max_length": 64},
+                   n_test_queries=2, sae_expansion=2, sae_k=8, sae_training_tokens=4096,
                    retrain=False, score=False)
 
     def to_dict(self) -> dict:
