@@ -40,7 +40,7 @@ import torch
 
 from .. import paths
 from ..progress import ProgressFn
-from .world import DATA_DIR, MARKER_KEY
+from .world import DATA_DIR, MARKER_KEY, built_summary
 
 WORLD = "smollm2"
 MODEL_LABEL = "SmolLM2-135M-Instruct"
@@ -204,15 +204,9 @@ def build_smollm2_world(workspace: str | os.PathLike | None = None, quick: bool 
     cfg = config or (SmolConfig.quick_world(seed) if quick else SmolConfig(seed=seed))
     ws = paths.workspace_path(workspace).resolve()
     store = Store(ws)
-    marker = store.get_meta(MARKER_KEY)
-    if marker is not None:
-        if marker.get("config_digest") != cfg.digest:
-            built = marker.get("summary", {})
-            raise ValueError(
-                f"workspace {ws} already holds a {built.get('world', 'demo')} world built with "
-                f"another configuration (quick={built.get('quick')}, seed={built.get('seed')}); "
-                "build this one in a fresh --workspace")
-        return {**marker["summary"], "workspace": str(ws), "cached": True}
+    built = built_summary(store, ws, cfg.digest)
+    if built is not None:
+        return built
     previous = torch.get_num_threads()
     torch.set_num_threads(torch_threads(cfg.threads))
     try:

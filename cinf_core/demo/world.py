@@ -410,6 +410,21 @@ def _train_world_sae(w: _World, ft_lm: LoadedModel, layer: int, ft_id: str,
 # ------------------------------------------------------------------ the build
 
 
+def built_summary(store, ws: Path, digest: str) -> dict | None:
+    """The summary of the world already built in ``ws`` with config ``digest`` (marked cached),
+    None when none is; refuses a workspace that holds another world or configuration."""
+    marker = store.get_meta(MARKER_KEY)
+    if marker is None:
+        return None
+    built = marker.get("summary", {})
+    if marker.get("config_digest") != digest:
+        raise ValueError(
+            f"workspace {ws} already holds a {built.get('world', 'toy')} world built with "
+            f"another configuration (quick={built.get('quick')}, seed={built.get('seed')}); "
+            "build this one in a fresh --workspace")
+    return {**built, "workspace": str(ws), "cached": True}
+
+
 def build_world(workspace: str | os.PathLike | None = None, quick: bool = False, seed: int = 0,
                 progress: ProgressFn = None, config: WorldConfig | None = None) -> dict:
     """Build (or return the already built) demo world in ``workspace``; returns its summary.
@@ -423,15 +438,9 @@ def build_world(workspace: str | os.PathLike | None = None, quick: bool = False,
     cfg = config or (WorldConfig.quick_world(seed) if quick else WorldConfig.full(seed))
     ws = paths.workspace_path(workspace).resolve()
     store = Store(ws)
-    marker = store.get_meta(MARKER_KEY)
-    if marker is not None:
-        if marker.get("config_digest") != cfg.digest:
-            built = marker.get("summary", {})
-            raise ValueError(
-                f"workspace {ws} already holds a {built.get('world', 'toy')} world built with "
-                f"another configuration (quick={built.get('quick')}, seed={built.get('seed')}); "
-                "build this one in a fresh --workspace")
-        return {**marker["summary"], "workspace": str(ws), "cached": True}
+    built = built_summary(store, ws, cfg.digest)
+    if built is not None:
+        return built
 
     previous = torch.get_num_threads()
     torch.set_num_threads(torch_threads(cfg.threads))
