@@ -70,7 +70,7 @@ def test_overview_lists_the_workspace(monkeypatch, workspace):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Datasets"] == "1" and metrics["Concepts"] == "2"
     assert metrics["Complete runs"] == "9"
-    assert "quick world" in texts(at)
+    assert "holds the toy world" in texts(at) and "quick version" in texts(at)
 
 
 def test_workspace_picker_switches_workspace(monkeypatch, workspace, tmp_path):
