@@ -7,10 +7,12 @@ before it or after it and never between stored chunks. Here every chunk of 4 exa
 as soon as it is scored (Vector Filter's chunks are its batches: pass ``--batch-size``), and the
 marks ``claimed`` and ``stored`` (lines ``fault-driver: ...`` on stderr, or messages on a
 multiprocessing connection) let a test kill the process at a chosen point without polling the
-store. Nothing else changes: the command line is the CLI's.
+store. With ``FAULT_PAUSE_AFTER=N`` and ``FAULT_GATE=PATH`` in the environment the process holds
+after its N-th store until PATH exists (a test fills the disk meanwhile). Nothing else changes: the command line is the CLI's.
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +43,17 @@ def run(argv: list[str], marks=None) -> int:
         say("claimed")
         return handle, waited_for
 
+    pause_after, gate = int(os.environ.get("FAULT_PAUSE_AFTER", "0")), os.environ.get("FAULT_GATE")
+    n_stored = [0]
+
     def stored(self, indices, scores):
         add_scores(self, indices, scores)
         say("stored")
+        n_stored[0] += 1
+        if gate and n_stored[0] == pause_after:  # hold here until the test has set the scene
+            deadline = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     runner.FLUSH_S = 0.0
     InfluenceFunction.chunk = 4

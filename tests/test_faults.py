@@ -87,10 +87,10 @@ def workspace(built, tmp_path):
     return copy_workspace(built, tmp_path / "ws")
 
 
-def _start(ws, *argv) -> subprocess.Popen:
+def _start(ws, *argv, env: dict | None = None) -> subprocess.Popen:
     """``python -m cinf_core ARGV --workspace WS`` (storing every few scored examples at once),
-    its JSON summary on stdout."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CINF_THREADS="1")
+    its JSON summary on stdout; ``env`` adds to the environment (fault_driver's gate)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CINF_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, DRIVER, *argv, "--workspace", str(ws),
                              "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -332,9 +332,10 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _fill_while(disk: Path, proc) -> Path:
+def _fill_while(disk: Path, proc, when_full=None) -> Path:
     """Keep ``disk`` full to the last byte while ``proc`` runs (space the store frees, a
-    write-ahead log truncated after a checkpoint, is taken at once); returns the filler file."""
+    write-ahead log truncated after a checkpoint, is taken at once); ``when_full()`` is called
+    once the disk is first full. Returns the filler file."""
     filler = disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:
@@ -345,6 +346,9 @@ def _fill_while(disk: Path, proc) -> Path:
                         os.write(fd, b"\0" * size)
                 except OSError:
                     pass
+            if when_full is not None:
+                when_full()
+                when_full = None
             time.sleep(0.001)
     finally:
         os.close(fd)
@@ -360,7 +364,9 @@ def test_disk_full_mid_run_then_resume(workspace, tmp_path, small_disk):
                      ScoreConfig(method="vector_filter", trait="evil", batch_size=2))
     ws = copy_workspace(workspace, small_disk / "ws")
     reader = Store(ws, read_only=True)
-    proc = _start(ws, *_score_argv("vector_filter", 1))
+    gate = tmp_path / "disk-is-full"  # the run holds after its 10th store until the disk is full
+    proc = _start(ws, *_score_argv("vector_filter", 1),
+                  env={"FAULT_PAUSE_AFTER": "10", "FAULT_GATE": str(gate)})
     while proc.poll() is None:
         try:
             if reader.run(expected["run_id"])["n_done"] >= 10:
@@ -368,7 +374,7 @@ def test_disk_full_mid_run_then_resume(workspace, tmp_path, small_disk):
         except KeyError:
             pass
         time.sleep(0.01)
-    filler = _fill_while(small_disk, proc)
+    filler = _fill_while(small_disk, proc, when_full=gate.touch)
     out, err = proc.communicate(timeout=120)
     error = json.loads(out.strip().splitlines()[-1])["error"]
     assert proc.returncode == 2, err[-2000:]
