@@ -17,6 +17,13 @@ SMALL_TEXTS = [
 
 
 def pytest_configure(config):
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers share the machine's cores: one torch thread each (and in their subprocesses),
+        # so two workers on two cores do not oversubscribe them.
+        os.environ["CINF_THREADS"] = "1"
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: takes more than ~20 s (still runs in CI)")
     config.addinivalue_line("markers", "e2e: drives the real app in headless Chromium")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jupyter_client")
@@ -59,14 +66,41 @@ def chat(user: str, answer: str, system: str | None = None) -> list[dict]:
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-@pytest.fixture(scope="session")
-def quick_world(tmp_path_factory):
-    """The quick demo world, built once per test session (read it; copy it to change it)."""
+def _quick_world_build(tmp_path_factory):
+    """``(workspace, summary, stages)`` of the quick demo world, built once per test session
+    (once for all ``pytest -n`` workers: the first builds it under a file lock, the others wait
+    and read it)."""
+    import json
+    import os
+
+    from filelock import FileLock
+
     from cinf_core.demo.world import build_world
 
-    ws = tmp_path_factory.mktemp("quick_world")
-    build_world(ws, quick=True)
-    return ws
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    ws, record = root / "quick_world", root / "quick_world.json"
+    with FileLock(str(root / "quick_world.lock")):
+        if not record.exists():
+            stages = []
+            summary = build_world(ws, quick=True, seed=0,
+                                  progress=lambda stage, frac: stages.append((stage, frac)))
+            record.write_text(json.dumps({"summary": summary, "stages": stages}))
+    built = json.loads(record.read_text())
+    return ws, built["summary"], [tuple(s) for s in built["stages"]]
+
+
+@pytest.fixture(scope="session")
+def quick_world_build(tmp_path_factory):
+    """``(workspace, summary, stages)``: the quick world as its build returned it."""
+    return _quick_world_build(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def quick_world(quick_world_build):
+    """The quick demo world, built once per test session (read it; copy it to change it)."""
+    return quick_world_build[0]
 
 
 def copy_workspace(src, dst):

@@ -131,11 +131,9 @@ def test_pretraining_carries_a_persona_across_two_turns():
 
 
 @pytest.fixture(scope="module")
-def quick_world(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("demo_world")
-    stages = []
-    summary = build_world(workspace, quick=True, seed=0, progress=lambda s, f: stages.append((s, f)))
-    return workspace, summary, stages
+def quick_world(quick_world_build):
+    """The session's quick world (conftest) with the summary and stages its build returned."""
+    return quick_world_build
 
 
 @pytest.mark.slow
