@@ -1010,17 +1010,20 @@ def _memory(p: argparse.ArgumentParser):
             spec = row["spec"]
             cfg = config_shapes(AutoConfig.from_pretrained(
                 spec.path, trust_remote_code=spec.trust_remote_code))
-            ranks = {}
+            ranks, targets = {}, {}
             if spec.adapter:
                 adapter = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
                 ranks[row["name"]] = int(adapter["r"])
-            rows = memory_table({row["name"]: cfg}, ranks)
+                wanted = adapter.get("target_modules")
+                if isinstance(wanted, (list, tuple)):  # a regex string: every Linear, as before
+                    targets[row["name"]] = tuple(wanted)
+            rows = memory_table({row["name"]: cfg}, ranks, targets)
         else:
             rows = memory_table()
-        print(f"{'model':15s} {'setting':36s} {'modules':>7s} {'factors':>9s} {'weights':>9s} "
+        print(f"{'model':15s} {'setting':60s} {'modules':>7s} {'factors':>9s} {'weights':>9s} "
               f"{'total GiB':>9s}", file=sys.stderr)
         for r in rows:
-            print(f"{r['model']:15s} {r['setting']:36s} {r['n_modules']:7d} {r['factor_gib']:9.1f} "
+            print(f"{r['model']:15s} {r['setting']:60s} {r['n_modules']:7d} {r['factor_gib']:9.1f} "
                   f"{r['weights_gib']:9.1f} {r['total_gib']:9.1f}", file=sys.stderr)
         return {"memory": rows}
     return run

@@ -47,3 +47,32 @@ def test_a_workspace_models_own_shapes(tiny_model_dir, tmp_path, capsys):
     assert rows[0]["factor_gib"] == estimate(cfg).as_dict()["factor_gib"]
     with pytest.raises(ValueError, match="no intermediate_size"):
         config_shapes({"hidden_size": 8})
+
+
+@pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj")])
+def test_the_adapter_row_counts_what_the_default_selection_tracks(tiny_lm, targets):
+    """On a peft model cinf's default selection tracks each adapted Linear's base weight and its
+    LoRA A and B: the estimate's first row for a model with an adapter counts exactly those
+    modules (and their factor floats), also when the adapter adapts only some Linears."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from cinf_core.curvature import CurvatureConfig
+    from cinf_core.curvature.modules import select_modules
+    from cinf_core.curvature.tape import grad_shape
+    from cinf_core.methods.memory import config_shapes, memory_table
+
+    all_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(copy.deepcopy(tiny_lm.model), LoraConfig(
+        r=2, lora_alpha=4, target_modules=list(targets or all_linears)))
+    tracked = select_modules(peft_model, CurvatureConfig())
+    floats = sum(i * i + o * o + 2 * o * i for o, i in map(grad_shape, tracked.values()))
+    cfg = config_shapes(tiny_lm.model.config)
+    rows = memory_table({"tiny": cfg}, {"tiny": 2}, {"tiny": targets} if targets else None)
+    assert rows[0]["setting"].startswith("IF, all blocks: base + LoRA r=2")
+    assert rows[0]["n_modules"] == len(tracked)
+    est = estimate(cfg, lora_rank=2, with_base=True, lora_targets=targets)
+    assert est.factor_gib * 2**30 == pytest.approx(4 * floats)
+    lora_only = estimate(cfg, lora_rank=2, lora_targets=targets)
+    assert lora_only.n_modules == sum("lora_" in n for n in tracked)

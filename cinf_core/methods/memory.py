@@ -51,10 +51,14 @@ def linear_shapes(cfg: dict, kinds: str = "both") -> list[tuple[str, int, int]]:
 
 def estimate(cfg: dict, block_stride: int = 1, kinds: str = "both", below_layer: int | None = None,
              n_behaviours: int = 1, batch_size: int = 8, weight_bytes: int = 2,
-             lora_rank: int | None = None) -> MemoryEstimate:
+             lora_rank: int | None = None, with_base: bool = False,
+             lora_targets: tuple[str, ...] | None = None) -> MemoryEstimate:
     """Memory per rank for EK-FAC over every ``block_stride``-th block (below ``below_layer``).
 
-    With ``lora_rank`` only LoRA A (``in -> r``) and B (``r -> out``) modules are tracked.
+    With ``lora_rank`` only LoRA A (``in -> r``) and B (``r -> out``) modules are tracked; with
+    ``with_base`` too, each adapted Linear's frozen base weight as well (what cinf's default
+    selection tracks on a peft model: ``base_layer``, ``lora_A`` and ``lora_B``).
+    ``lora_targets``: the module names the adapter adapts (default: all of a block's Linears).
     """
     n_blocks = cfg["num_hidden_layers"] if below_layer is None else below_layer
     blocks = list(range(0, n_blocks, block_stride))
@@ -62,8 +66,11 @@ def estimate(cfg: dict, block_stride: int = 1, kinds: str = "both", below_layer:
     biggest = 0
     n_modules = 0
     for _ in blocks:
-        for _, d_in, d_out in linear_shapes(cfg, kinds):
-            pairs = [(d_in, lora_rank), (lora_rank, d_out)] if lora_rank else [(d_in, d_out)]
+        for name, d_in, d_out in linear_shapes(cfg, kinds):
+            adapted = bool(lora_rank) and (lora_targets is None or name in lora_targets)
+            pairs = [(d_in, lora_rank), (lora_rank, d_out)] if adapted else []
+            if with_base or not lora_rank:
+                pairs.append((d_in, d_out))
             for i, o in pairs:
                 floats += i * i + o * o + (1 + n_behaviours) * i * o
                 biggest = max(biggest, i * o)
@@ -95,18 +102,25 @@ def config_shapes(config) -> dict:
 
 
 def memory_table(models: dict[str, dict] | None = None,
-                 lora_ranks: dict[str, int] | None = None) -> list[dict]:
+                 lora_ranks: dict[str, int] | None = None,
+                 lora_targets: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """The README table: every model (default: the presets) under the settings users run; LoRA
-    at the model's own rank where ``lora_ranks`` gives one, else r=32."""
+    at the model's own rank where ``lora_ranks`` gives one, else r=32. A model with its own
+    adapter rank gets first the row of cinf's default selection on it (base and LoRA modules);
+    ``lora_targets`` names the modules each model's adapter adapts (default: all)."""
     rows = []
     for name, cfg in (models or PRESETS).items():
         n = cfg["num_hidden_layers"]
         r = (lora_ranks or {}).get(name, 32)
-        settings = [
+        targets = (lora_targets or {}).get(name)
+        own = [(f"IF, all blocks: base + LoRA r={r} (the default on this adapter)",
+                dict(lora_rank=r, with_base=True, lora_targets=targets))
+               ] if name in (lora_ranks or {}) else []
+        settings = own + [
             ("IF, all blocks", dict()),
             ("IF, every 4th block", dict(block_stride=4)),
             ("CI at layer 2L/3, every 4th block", dict(block_stride=4, below_layer=2 * n // 3)),
-            (f"LoRA r={r} only, all blocks", dict(lora_rank=r)),
+            (f"LoRA r={r} only, all blocks", dict(lora_rank=r, lora_targets=targets)),
         ]
         for label, kwargs in settings:
             rows.append({"model": name, "setting": label, **estimate(cfg, **kwargs).as_dict()})
