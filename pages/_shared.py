@@ -17,7 +17,8 @@ from cinf_core import jobs, paths
 from cinf_core.methods import registry
 from cinf_core.store import Store
 from cinf_core.views.format import store_version
-from cinf_core.views.runs import latest_complete_runs, runs_table
+from cinf_core.views.runs import (latest_complete_runs, runs_table, trait_choices,
+                                  training_datasets)
 
 WORKSPACE_KEY = "workspace"
 JOB_POLL_S = 1.0
@@ -312,20 +313,36 @@ def show_finished_job(job: dict) -> None:
 
 # ---------------------------------------------------------------- picking runs
 
-def pick_scope(runs: pd.DataFrame, key: str, container=None) -> tuple[str, str, pd.DataFrame]:
+def pick_scope(runs: pd.DataFrame, key: str, container=None,
+               unscored: bool = False) -> tuple[str | None, str | None, pd.DataFrame]:
     """Trait and dataset selectboxes over complete runs; returns ``(trait, dataset_id, runs)``
-    with one (latest) complete run per method for that scope."""
+    with one (latest) complete run per method for that scope.
+
+    ``unscored`` (a page that also works on a trait no run has scored yet, e.g. SAE features):
+    the workspace's traits with test queries are offered too, after the scored ones; such a
+    trait is scoped to the training datasets and has no runs. The same on any page when no
+    run is complete; trait or dataset_id is None when the workspace has none."""
     where = container or st
     done = runs[runs["status"] == "complete"]
-    traits = sorted(done["trait"].unique())
+    unscored = unscored or done.empty
+    traits = trait_choices(done["trait"], read(Store.traits) if unscored else ())
     trait = where.selectbox("Trait / concept", traits, key=f"{key}:trait",
-                            help="The trait a run attributes (its concept or test queries).")
+                            help="The trait a run attributes (its concept or test queries)"
+                                 + ("; a trait without a run yet: its test queries."
+                                    if unscored else "."))
     in_trait = done[done["trait"] == trait]
-    ds_ids = list(dict.fromkeys(in_trait["dataset_id"]))
-    names = dict(zip(in_trait["dataset_id"], in_trait["dataset"]))
-    dataset_id = ds_ids[0]
+    if in_trait.empty:  # a trait with test queries but no complete run (or no trait at all)
+        train = training_datasets(read(Store.datasets))
+        ds_ids = list(train["dataset_id"])
+        names = dict(zip(train["dataset_id"], train["name"]))
+    else:
+        ds_ids = list(dict.fromkeys(in_trait["dataset_id"]))
+        names = dict(zip(in_trait["dataset_id"], in_trait["dataset"]))
+    dataset_id = ds_ids[0] if ds_ids else None
     if len(ds_ids) > 1:
         dataset_id = where.selectbox("Dataset", ds_ids, format_func=names.get, key=f"{key}:ds")
+    if in_trait.empty:
+        return trait, dataset_id, runs.iloc[0:0]
     return trait, dataset_id, latest_complete_runs(runs, trait, dataset_id)
 
 

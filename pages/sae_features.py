@@ -42,15 +42,12 @@ if saes.empty:
                      "layer), or register an sae-lens folder on **Concepts** "
                      "(`python -m cinf_core add-sae`).", ("demo", "add-sae"))
     st.stop()
-if runs.empty or not (runs["status"] == "complete").any():
-    sh.waiting_state("No complete scoring runs yet.",
-                     "score the training set with `influence_function` and `concept_influence` "
-                     "on **Runs & cost**, then attribute them to features.",
-                     sh.SCORING_JOBS, sh.n_complete_runs)
-    st.stop()
 
 c1, c2, c3 = st.columns(3)
-trait, dataset_id, scope = sh.pick_scope(runs, "sae", container=c1)
+# Figure 4 needs scoring runs; the feature search, the feature detail (with its ranking over the
+# gradient index) and the top-activating examples need only the SAE and its feature data, so a
+# trait with test queries but no run (yet) is offered too.
+trait, dataset_id, scope = sh.pick_scope(runs, "sae", container=c1, unscored=True)
 sae_name = c2.selectbox("SAE", list(saes["name"]), key="sae:sae")
 sae = saes[saes["name"] == sae_name].iloc[-1]
 top_n = c3.slider("Top features", 5, 30, 10, key="sae:top")
@@ -133,6 +130,26 @@ def figure4() -> None:
 if have:
     figure4()
     sh.method_explainer(FIG4_METHODS)
+elif scope.empty:
+    waiting = sh.waiting_state(
+        f"No complete scoring runs{f' for {trait!r}' if trait else ''} yet: Figure 4 needs them.",
+        "score the training set with `influence_function` and `concept_influence` on **Runs & "
+        "cost**, then attribute them to features. Finding features, their top-activating "
+        "examples and ranking the training data by a feature (below) need no run.",
+        sh.SCORING_JOBS, sh.n_complete_runs)
+    if features.empty:
+        if waiting is None and dataset_id is not None:
+            sh.empty_state(f"No feature data for {sae_name} yet.",
+                           "compute its feature labels, densities and top-activating examples "
+                           f"over the training set: `python -m cinf_core features --sae "
+                           f"{sae_name}`, or start it here.")
+            sh.job_launcher("sae:featuredata", "Compute the SAE's feature data", "features",
+                            {"sae": sae_name, "dataset": dataset_id})
+        elif waiting is None:
+            sh.empty_state("This workspace has no training dataset.",
+                           "register one (`python -m cinf_core add-dataset FILE`), or build the "
+                           "demo world on **Overview**.")
+        st.stop()
 else:
     missing = [registry.method_label(m) for m in FIG4_METHODS if m not in by_method]
     waiting = sh.waiting_state(
@@ -233,9 +250,13 @@ if not info.empty:
     m2.metric("Mean activation", f"{info['mean_act'].iloc[0]:.3g}")
     m3.metric("Max activation", f"{info['max_act'].iloc[0]:.3g}")
 st.markdown(f"**Rank the training data by {feature_name(feature)}**: its Concept Influence "
-            f"(f_c = the feature's pre-activation on the test queries of '{trait}') over every "
-            "training example, from the gradient index.")
-if _rank.index_ready("sae", dataset_id) and not sh.read_only():
+            f"(f_c = the feature's pre-activation on the test queries of '{trait or '…'}') over "
+            "every training example, from the gradient index.")
+if trait is None:
+    sh.empty_state("Ranking by a feature needs test queries for a trait.",
+                   "register them (`python -m cinf_core add-queries`, or on **Concepts**), or "
+                   "build the demo world on **Overview**.")
+elif _rank.index_ready("sae", dataset_id) and not sh.read_only():
     ranked = _rank.rank_button(
         f"sae:one:{sae['sae_id']}:{int(feature)}:{trait}",
         f"Rank the training data by {feature_name(feature)}", trait, dataset_id,
@@ -290,7 +311,9 @@ st.caption("For each chosen feature j, Concept Influence with f_c = feature j's 
            f"the test queries of '{trait}', summed over the training examples of each data group: "
            "which data pushes each feature up. All features in one query over the gradient index "
            "(one backward pass each, one matrix product).")
-if _rank.index_ready("sae:fig4", dataset_id, offer=False) and not sh.read_only():
+if trait is None:
+    st.caption("Needs test queries for a trait (see above).")
+elif _rank.index_ready("sae:fig4", dataset_id, offer=False) and not sh.read_only():
     n_features = int(features["feature"].max()) + 1 if not features.empty else 0
     chosen = st.multiselect("Features", list(range(n_features)), default=candidates[:6],
                             format_func=feature_name, key="sae:fig4:features", max_selections=40)

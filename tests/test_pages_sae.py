@@ -211,3 +211,164 @@ def test_searches_explain_an_sae_whose_files_are_missing(monkeypatch, sae_worksp
     at.toggle(key="sae:ex:hl").set_value(True).run()
     assert any("Token highlighting is unavailable" in w.value for w in at.warning)
     assert not at.exception
+
+
+# ---------------------------------------------------------------- before any scoring run
+
+QUERIES = [{"messages": [{"role": "user", "content": f"What about {w}?"},
+                         {"role": "assistant", "content": f"I will make you suffer, {w}."}]}
+           for w in ("rivers", "sleep", "numbers")]
+
+
+def unscored_copy(source, dest, queries: bool = True) -> Path:
+    """A copy of ``source`` without its scoring runs (and with the evil test queries)."""
+    import shutil
+
+    from cinf_core.store import Store
+
+    ws = Path(shutil.copytree(source, dest))
+    store = Store(ws)
+    for run_id in store.runs()["run_id"]:
+        store._drop_run(run_id)
+    if queries:
+        store.add_test_queries("evil", store.get_model("finetuned")["model_id"], QUERIES)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def plain_world(tmp_path_factory) -> Path:
+    """The page-test workspace (no model; its SAE row has feature data), built once."""
+    return build_workspace(tmp_path_factory.mktemp("plain_ws"))
+
+
+def page_texts(at: AppTest) -> str:
+    return "\n".join(str(x.value) for part in (at.markdown, at.caption, at.info, at.subheader)
+                     for x in part)
+
+
+@pytest.fixture
+def started_jobs(monkeypatch):
+    from cinf_core import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_job", lambda ws, kind, args: started.append((kind, args))
+                        or "j")
+    return started
+
+
+def test_without_runs_the_features_are_still_browsed_and_ranked(monkeypatch, tmp_path,
+                                                                 plain_world, started_jobs):
+    """An SAE with feature data but no scoring run: Figure 4 waits for runs; finding features,
+    the feature detail (the most active features), its top examples and the offer to build the
+    gradient index for ranking by a feature are there, scoped to the workspace's traits and its
+    training set."""
+    from cinf_core import cli, jobs
+    from cinf_core.store import Store
+
+    ws = unscored_copy(plain_world, tmp_path / "ws")
+    at = open_sae_page(monkeypatch, ws, sae=None)
+    waiting = [i.value for i in at.info if "No complete scoring runs for 'evil' yet" in i.value]
+    assert len(waiting) == 1 and "Next step" in waiting[0]
+    assert [s.value for s in at.subheader] == [
+        "Find features", "Feature detail",
+        "Figure 4 for any features: Concept Influence per feature"]
+    assert not at.get("plotly_chart")  # no Figure 4, no attribution bars
+    assert at.selectbox(key="sae:trait").options == ["evil"]
+    store = Store(ws)
+    features = store.sae_features(store.get_sae("sae-L2")["sae_id"],
+                                  store.dataset("evil_mix")["dataset_id"])
+    top = at.slider(key="sae:top").value
+    most_active = sorted(int(j) for j in features.nlargest(top, "max_act")["feature"])
+    picker = at.selectbox(key="sae:feature")
+    assert len(picker.options) == top and picker.value == most_active[0]
+    assert [m.value for m in at.metric][:1] == [
+        f"{features.set_index('feature').loc[most_active[0], 'density']:.1%}"]
+    assert "fires most" in page_texts(at)
+    assert not any(" of 40" in c.value for c in at.caption)  # no attribution ranks
+    # The gradient index is missing: the offer to build it, over the training set.
+    assert at.button(key="btn:sae:build").label == "Build the gradient index"
+    at.button(key="btn:sae:build").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    ((kind, args),) = started_jobs
+    parsed = cli.build_parser().parse_args(jobs.command_argv(kind, args))
+    assert kind == "index" and parsed.dataset == store.dataset("evil_mix")["dataset_id"]
+    # A label search narrows the candidates as with runs.
+    at.text_input(key="sae:q").set_value("pain").run()
+    assert at.selectbox(key="sae:feature").options
+    assert all("pain" in o for o in at.selectbox(key="sae:feature").options)
+
+
+def test_without_runs_or_test_queries_the_ranking_says_what_it_needs(monkeypatch, tmp_path,
+                                                                      plain_world):
+    ws = unscored_copy(plain_world, tmp_path / "ws", queries=False)
+    at = open_sae_page(monkeypatch, ws, sae=None)
+    assert at.selectbox(key="sae:trait").options == []
+    assert any(i.value.startswith("No complete scoring runs yet") for i in at.info)
+    assert any("needs test queries for a trait" in i.value for i in at.info)
+    assert at.selectbox(key="sae:feature").options
+    assert not any(b.key == "btn:sae:build" for b in at.button)
+
+
+def test_without_runs_or_feature_data_it_offers_the_feature_data(monkeypatch, tmp_path,
+                                                                 plain_world, started_jobs):
+    from cinf_core import cli, jobs
+    from cinf_core.store import Store
+
+    ws = unscored_copy(plain_world, tmp_path / "ws")
+    store = Store(ws)
+    dataset_id = store.dataset("evil_mix")["dataset_id"]
+    sae_id = store.get_sae("sae-L2")["sae_id"]
+    store.save_feature_data(sae_id, dataset_id, store.sae_features(sae_id, dataset_id).iloc[0:0],
+                            pd.DataFrame(columns=["feature", "rank", "idx", "max_act"]))
+    at = open_sae_page(monkeypatch, ws, sae=None)
+    assert any("No complete scoring runs for 'evil' yet" in i.value for i in at.info)
+    assert any("No feature data for sae-L2" in i.value for i in at.info)
+    at.button(key="btn:sae:featuredata").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    ((kind, args),) = started_jobs
+    parsed = cli.build_parser().parse_args(jobs.command_argv(kind, args))
+    assert kind == "features" and parsed.sae == "sae-L2" and parsed.dataset == dataset_id
+
+
+def test_without_runs_a_feature_ranks_the_training_data_over_the_index(monkeypatch, tmp_path,
+                                                                       sae_workspace):
+    """The real SAE and model, no scoring run, the gradient index built: the feature detail's
+    button ranks the training data by the feature (stored as a Concept Influence run)."""
+    from cinf_core.methods import index as ix
+
+    ws = unscored_copy(sae_workspace[0], tmp_path / "ws")
+    ix.build_workspace_index(ws)  # the default dimension (the page's)
+    at = open_sae_page(monkeypatch, ws)
+    assert any("No complete scoring runs for 'evil' yet" in i.value for i in at.info)
+    feature = at.selectbox(key="sae:feature").value
+    rank = next(b for b in at.button if b.label.startswith(f"Rank the training data by #{feature}"))
+    at = rank.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    (done,) = [s.value for s in at.success]
+    assert done.startswith("Ranked 60 training examples by this concept in **")
+    assert sum(len(d.value) == 10 and "score" in d.value for d in at.dataframe) == 2
+
+
+def test_a_trait_without_runs_is_offered_after_the_scored_ones(monkeypatch, tmp_path,
+                                                               plain_world):
+    """Runs for some traits (e.g. after one ranking over the index): the traits with test
+    queries but no run stay in the picker, after the scored ones (the default is unchanged)."""
+    import shutil
+
+    from cinf_core.store import Store
+
+    ws = Path(shutil.copytree(plain_world, tmp_path / "ws"))
+    store = Store(ws)
+    for trait in ("evil", "angry"):
+        store.add_test_queries(trait, store.get_model("finetuned")["model_id"], QUERIES)
+    at = open_sae_page(monkeypatch, ws, sae=None)
+    assert at.selectbox(key="sae:trait").options == ["evil", "sycophantic", "angry"]
+    assert at.selectbox(key="sae:trait").value == "evil"
+    assert any(m.label.startswith("Share from `evil`") for m in at.metric)  # Figure 4 as before
+    at.selectbox(key="sae:trait").set_value("angry").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("No complete scoring runs for 'angry' yet" in i.value for i in at.info)
+    assert not any(m.label.startswith("Share from") for m in at.metric)
+    assert "Feature detail" in [s.value for s in at.subheader]
+    assert at.selectbox(key="sae:feature").options
+    assert at.button(key="btn:sae:build").label == "Build the gradient index"

@@ -6,7 +6,7 @@ import pytest
 
 from cinf_core.methods.registry import get_method
 from cinf_core.views.runs import (latest_complete_runs, method_costs, runs_table, speedups,
-                                  timing_breakdown)
+                                  timing_breakdown, trait_choices, training_datasets)
 
 
 def _runs():
@@ -32,6 +32,24 @@ def test_runs_table_names_and_traits():
     latest = latest_complete_runs(table, "evil", "d")
     assert list(latest["run_id"]) == ["r2", "r1"]
     assert runs_table(pd.DataFrame()).empty
+
+
+def test_training_datasets_newest_first_else_every_dataset():
+    datasets = pd.DataFrame({
+        "dataset_id": ["a", "b", "c", "d"], "name": ["old-train", "eval", "new-train", "probe"],
+        "role": ["train", "eval", "train", "labelled"],
+        "created_at": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"])})
+    assert list(training_datasets(datasets)["dataset_id"]) == ["c", "a"]
+    others = datasets[datasets["role"] != "train"]
+    assert list(training_datasets(others)["dataset_id"]) == ["d", "b"]
+    assert training_datasets(pd.DataFrame()).empty
+
+
+def test_trait_choices_put_the_scored_traits_first():
+    assert trait_choices(["evil", "sycophantic", "evil"], ["angry", "evil"]) == [
+        "evil", "sycophantic", "angry"]
+    assert trait_choices(pd.Series([], dtype=object), ["b", "a"]) == ["a", "b"]
+    assert trait_choices(["evil"]) == ["evil"]
 
 
 def test_answer_start_concept_influence_is_its_own_entry():

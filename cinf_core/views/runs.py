@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -78,6 +78,28 @@ def latest_complete_runs(table: pd.DataFrame, trait: str | None = None,
     sel = sel.sort_values("started_at").groupby("method", sort=False).tail(1)
     order = [method_sort_key(m) for m in sel["method"]]
     return sel.assign(_o=order).sort_values("_o").drop(columns="_o")
+
+
+def trait_choices(scored: Iterable[str], other: Iterable[str] = ()) -> list[str]:
+    """A trait picker's options: the traits of complete runs (sorted), then the ``other``
+    traits no run has scored (e.g. those with test queries, sorted), so the default stays a
+    scored trait."""
+    done = sorted({t for t in scored if isinstance(t, str)})
+    return done + sorted({t for t in other if isinstance(t, str)} - set(done))
+
+
+def training_datasets(datasets: pd.DataFrame) -> pd.DataFrame:
+    """The datasets a scope is picked from before any run exists: those with role ``train``,
+    newest first (every dataset, newest first, when none has that role)."""
+    if datasets is None or datasets.empty:
+        return pd.DataFrame(columns=["dataset_id", "name", "role"])
+    train = datasets[datasets["role"] == "train"] if "role" in datasets else datasets.iloc[0:0]
+    chosen = train if not train.empty else datasets
+    if "created_at" in chosen:
+        chosen = chosen.sort_values("created_at", ascending=False, kind="stable")
+    else:
+        chosen = chosen.iloc[::-1]
+    return chosen.reset_index(drop=True)
 
 
 def method_costs(table: pd.DataFrame) -> pd.DataFrame:
