@@ -75,9 +75,11 @@ def compute_feature_data(workspace, lm: LoadedModel, sae_name: str, dataset: str
         counts = mask.sum(1).clamp_min(1).float()
         sums = torch.zeros(len(idx), d_sae).index_add_(0, owner, acts)
         mean_act[idx] = sums / counts[:, None]
-        max_act[idx] = torch.zeros(len(idx), d_sae).index_reduce_(0, owner, acts, "amax",
-                                                                  include_self=True)
-        token_max.index_reduce_(0, ids, acts, "amax", include_self=True)
+        # scatter_reduce_ rather than index_reduce_ (the same maxima; the latter warns "beta")
+        max_act[idx] = torch.zeros(len(idx), d_sae).scatter_reduce_(
+            0, owner[:, None].expand_as(acts), acts, reduce="amax", include_self=True)
+        token_max.scatter_reduce_(0, ids[:, None].expand_as(acts), acts, reduce="amax",
+                                  include_self=True)
         fires += (acts > 0).sum(0).double()
         n_tokens += acts.shape[0]
         if progress is not None:
