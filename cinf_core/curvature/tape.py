@@ -72,6 +72,8 @@ class LinearTape:
         """Begin a new forward: forget the previous inputs, set the token mask [batch, seq]."""
         self._inputs.clear()
         self.token_mask = None if token_mask is None else token_mask.bool()
+        if self.token_mask is not None and bool(self.token_mask.all()):
+            self.token_mask = None  # no padding in this batch (length-sorted batches): no masking
         # Every tapped output gets ``+ anchor`` (an exact no-op); asking autograd for d/d(anchor)
         # makes it visit every tapped output once without storing their gradients.
         self._anchor = torch.zeros((), requires_grad=True)
