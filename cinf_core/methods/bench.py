@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,27 +26,7 @@ from ..store import Store
 from .forward import forward_throughput_batches, truncated_forward_seconds
 from .registry import get_method, method_keys
 from .runner import ScoreConfig, score
-
-SKIP_ARTIFACTS = {paths.FACTORS_DIR, "retrain", paths.JOBS_DIR, paths.SHARDS_DIR, "features"}
-
-
-def scratch_copy(workspace) -> Path:
-    """A throwaway copy of the store and artifacts (without caches) to benchmark in."""
-    src = paths.workspace_path(workspace)
-    dst = Path(tempfile.mkdtemp(prefix="cinf-bench-"))
-    shutil.copy2(src / paths.STORE_FILE, dst / paths.STORE_FILE)
-    art = src / paths.ARTIFACTS_DIR
-    if art.exists():
-        for child in art.iterdir():
-            if child.name not in SKIP_ARTIFACTS:
-                target = dst / paths.ARTIFACTS_DIR / child.name
-                (shutil.copytree if child.is_dir() else shutil.copy2)(child, target)
-    store = Store(dst)
-    for run_id in store.runs()["run_id"]:
-        store._drop_run(run_id)
-    store._drop_generations()  # Projection Difference pays for its generations in the bench
-    return dst
-
+from .scratch import scratch_copy
 
 def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length: int = 256,
           with_kronfluence: bool = True, progress=None, repeats: int = 1,

@@ -25,6 +25,7 @@ from ..store import Store
 from .index import (DEFAULT_DIM, DTYPES, GradientIndex, build_workspace_index,
                     index_for_plan, list_indexes, query_factors, query_index, run_option)
 from .request import ScoreConfig, plan
+from .scratch import scratch_copy
 
 
 def rank_concepts(workspace, concepts: Sequence[str], trait: str, *, model: str = "finetuned",
@@ -225,20 +226,9 @@ def _concept_trait(store: Store, concept: str) -> str:
 def _scratch(workspace) -> Path:
     """A throwaway copy of the store and the artifacts the index needs (no factor cache, no
     index, no runs), so every part pays its full cost."""
-    src = paths.workspace_path(workspace)
-    dst = Path(tempfile.mkdtemp(prefix="cinf-index-bench-"))
-    shutil.copy2(src / paths.STORE_FILE, dst / paths.STORE_FILE)
-    skip = {paths.FACTORS_DIR, paths.INDEX_DIR, "retrain", paths.JOBS_DIR, paths.SHARDS_DIR}
-    art = src / paths.ARTIFACTS_DIR
-    if art.exists():
-        for child in art.iterdir():
-            if child.name not in skip:
-                target = dst / paths.ARTIFACTS_DIR / child.name
-                (shutil.copytree if child.is_dir() else shutil.copy2)(child, target)
-    store = Store(dst)
-    for run_id in store.runs()["run_id"]:
-        store._drop_run(run_id)
-    return dst
+    return scratch_copy(workspace, skip={paths.FACTORS_DIR, paths.INDEX_DIR, "retrain",
+                                         paths.JOBS_DIR, paths.SHARDS_DIR},
+                        drop_generations=False, prefix="cinf-index-bench-")
 
 
 def _concepts_and_traits(store: Store, trait: str, concepts: Sequence[str] | None = None
