@@ -36,11 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from .. import paths
 from ..progress import ProgressFn
-from .world import DATA_DIR, MARKER_KEY, built_summary
+from .world import DATA_DIR, build_once
 
 WORLD = "smollm2"
 MODEL_LABEL = "SmolLM2-135M-Instruct"
@@ -198,24 +197,8 @@ def build_smollm2_world(workspace: str | os.PathLike | None = None, quick: bool 
                         seed: int = 0, progress: ProgressFn = None,
                         config: SmolConfig | None = None) -> dict:
     """Build (or return the already built) SmolLM2 world in ``workspace``; returns its summary."""
-    from ..models import torch_threads
-    from ..store import Store
-
     cfg = config or (SmolConfig.quick_world(seed) if quick else SmolConfig(seed=seed))
-    ws = paths.workspace_path(workspace).resolve()
-    store = Store(ws)
-    built = built_summary(store, ws, cfg.digest)
-    if built is not None:
-        return built
-    previous = torch.get_num_threads()
-    torch.set_num_threads(torch_threads(cfg.threads))
-    try:
-        summary = _build(ws, store, cfg, progress)
-    finally:
-        torch.set_num_threads(previous)
-    store.set_meta(MARKER_KEY, {"config_digest": cfg.digest, "config": cfg.to_dict(),
-                                "summary": summary})
-    return summary
+    return build_once(workspace, cfg, lambda ws, store: _build(ws, store, cfg, progress))
 
 
 def _build(ws: Path, store, cfg: SmolConfig, progress: ProgressFn) -> dict:

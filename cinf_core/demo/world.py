@@ -425,6 +425,30 @@ def built_summary(store, ws: Path, digest: str) -> dict | None:
     return {**built, "workspace": str(ws), "cached": True}
 
 
+def build_once(workspace, cfg, build: Callable[[Path, Any], dict]) -> dict:
+    """The world ``cfg`` (``digest``, ``threads``, ``to_dict()``) in ``workspace``: the summary
+    of the one built there already, else ``build(ws, store)`` run on ``cfg.threads`` torch threads
+    (the same world whatever the load), its summary stored as the completion marker. Refuses a
+    workspace that holds another world (:func:`built_summary`)."""
+    from ..store import Store
+
+    ws = paths.workspace_path(workspace).resolve()
+    store = Store(ws)
+    built = built_summary(store, ws, cfg.digest)
+    if built is not None:
+        return built
+    previous = torch.get_num_threads()
+    torch.set_num_threads(torch_threads(cfg.threads))
+    try:
+        summary = build(ws, store)
+    finally:
+        torch.set_num_threads(previous)
+    summary["torch_threads"] = cfg.threads
+    store.set_meta(MARKER_KEY, {"config_digest": cfg.digest, "config": cfg.to_dict(),
+                                "summary": summary})
+    return summary
+
+
 def build_world(workspace: str | os.PathLike | None = None, quick: bool = False, seed: int = 0,
                 progress: ProgressFn = None, config: WorldConfig | None = None) -> dict:
     """Build (or return the already built) demo world in ``workspace``; returns its summary.
@@ -433,25 +457,9 @@ def build_world(workspace: str | os.PathLike | None = None, quick: bool = False,
     called as ``progress(stage, fraction)``. Raises if the workspace already holds a *different*
     demo world (build that one in a fresh workspace).
     """
-    from ..store import Store
-
     cfg = config or (WorldConfig.quick_world(seed) if quick else WorldConfig.full(seed))
-    ws = paths.workspace_path(workspace).resolve()
-    store = Store(ws)
-    built = built_summary(store, ws, cfg.digest)
-    if built is not None:
-        return built
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(torch_threads(cfg.threads))
-    try:
-        summary = _build(_World(cfg=cfg, workspace=ws, store=store, progress=progress))
-    finally:
-        torch.set_num_threads(previous)
-    summary["torch_threads"] = cfg.threads
-    store.set_meta(MARKER_KEY, {"config_digest": cfg.digest, "config": cfg.to_dict(),
-                                "summary": summary})
-    return summary
+    return build_once(workspace, cfg, lambda ws, store: _build(
+        _World(cfg=cfg, workspace=ws, store=store, progress=progress)))
 
 
 def _build(w: _World) -> dict:
