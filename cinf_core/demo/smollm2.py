@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-
 from .. import paths
 from ..progress import ProgressFn
 from .world import DATA_DIR, build_once
