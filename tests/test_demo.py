@@ -312,3 +312,28 @@ def test_the_world_does_not_depend_on_the_threads_the_machine_offers(tmp_path, m
     finally:
         torch.set_num_threads(ambient)
     assert builds[0] == builds[1]
+
+
+def test_a_build_that_finishes_an_interrupted_one_says_so(tmp_path, tiny_model_dir):
+    """``build_once`` marks the summary ``resumed`` when the workspace already held part of the
+    world (a model), so its ``build_seconds`` is not shown as the whole build's."""
+    from dataclasses import dataclass
+
+    from cinf_core.demo.world import MARKER_KEY, build_once
+    from cinf_core.models import ModelSpec
+    from cinf_core.store import Store
+
+    @dataclass
+    class Cfg:
+        threads: int = 1
+        digest: str = "d1"
+
+        def to_dict(self):
+            return {"threads": self.threads}
+
+    fresh = build_once(tmp_path / "fresh", Cfg(), lambda ws, store: {"build_seconds": 1.0})
+    assert fresh["resumed"] is False
+    Store(tmp_path / "half").add_model("base", ModelSpec(path=str(tiny_model_dir)), role="base")
+    half = build_once(tmp_path / "half", Cfg(), lambda ws, store: {"build_seconds": 1.0})
+    assert half["resumed"] is True
+    assert Store(tmp_path / "half").get_meta(MARKER_KEY)["summary"]["resumed"] is True

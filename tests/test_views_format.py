@@ -24,6 +24,8 @@ def test_demo_summary_text_and_seconds():
     smollm2 = demo_summary_text({"summary": {"world": "smollm2", "quick": False, "n_layers": 30,
                                              "hidden_size": 576, "concept_layer": 20}})
     assert smollm2.startswith("the SmolLM2-135M-Instruct world") and "30 layers × 576 d" in smollm2
+    resumed = demo_summary_text({"summary": {"build_seconds": 248, "resumed": True}})
+    assert "build resumed, its last part took 4.1 min" in resumed and "built in" not in resumed
     assert demo_summary_text(None) == ""
     assert fmt_seconds(0.5) == "500 ms" and fmt_seconds(None) == "—"
 

@@ -437,6 +437,9 @@ def build_once(workspace, cfg, build: Callable[[Path, Any], dict]) -> dict:
     built = built_summary(store, ws, cfg.digest)
     if built is not None:
         return built
+    # A workspace with models already holds part of this world (an interrupted build): the
+    # summary's build_seconds is then only this last part.
+    resumed = not store.models().empty
     previous = torch.get_num_threads()
     torch.set_num_threads(torch_threads(cfg.threads))
     try:
@@ -444,6 +447,7 @@ def build_once(workspace, cfg, build: Callable[[Path, Any], dict]) -> dict:
     finally:
         torch.set_num_threads(previous)
     summary["torch_threads"] = cfg.threads
+    summary["resumed"] = resumed
     store.set_meta(MARKER_KEY, {"config_digest": cfg.digest, "config": cfg.to_dict(),
                                 "summary": summary})
     return summary

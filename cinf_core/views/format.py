@@ -73,7 +73,9 @@ def demo_summary_text(meta_value: Mapping | None) -> str:
     if "concept_layer" in summary:
         parts.append(f"concept layer {summary['concept_layer']}")
     if "build_seconds" in summary:
-        parts.append(f"built in {fmt_seconds(summary['build_seconds'])}")
+        parts.append(f"build resumed, its last part took {fmt_seconds(summary['build_seconds'])}"
+                     if summary.get("resumed") else
+                     f"built in {fmt_seconds(summary['build_seconds'])}")
     return " · ".join(parts)
 
 
