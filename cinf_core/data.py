@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 MAX_REPORTED_ERRORS = 20
@@ -408,17 +409,18 @@ def collate(encoded: Sequence[EncodedExample], pad_token_id: int) -> dict[str, t
     """
     if not encoded:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    resp = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attn[i, :n] = 1
-        resp[i, :n] = torch.tensor(e.response_mask, dtype=torch.long)
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    width = int(lengths.max())
+    ids = np.full((len(encoded), width), pad_token_id, dtype=np.int64)
+    resp = np.zeros((len(encoded), width), dtype=np.int64)
+    for i, e in enumerate(encoded):  # filled in numpy: one tensor per field, not per example
+        ids[i, :lengths[i]] = e.input_ids
+        resp[i, :lengths[i]] = e.response_mask
+    attn = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    ids, resp = torch.from_numpy(ids), torch.from_numpy(resp)
     labels = ids.masked_fill(resp == 0, -100)
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "labels": labels}
+    return {"input_ids": ids, "attention_mask": torch.from_numpy(attn), "response_mask": resp,
+            "labels": labels}
 
 
 def batches(

@@ -460,11 +460,16 @@ def hidden_states_at(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     layers: Sequence[int],
+    n_blocks: int | None = None,
 ) -> dict[int, torch.Tensor]:
-    """``{layer: hidden [batch, seq, d_model]}``; stops the forward after the highest layer."""
-    for layer in layers:
-        check_layer(model, layer)
-    n = len(find_blocks(model))
+    """``{layer: hidden [batch, seq, d_model]}``; stops the forward after the highest layer.
+
+    ``n_blocks``: the model's block count, from a caller that has checked ``layers`` once for
+    many batches (the layers are then not checked again here)."""
+    if n_blocks is None:
+        for layer in layers:
+            check_layer(model, layer)
+    n = len(find_blocks(model)) if n_blocks is None else n_blocks
     needs_full = any(layer == n for layer in layers)
     with capture_layers(model, [l for l in layers if l < n], stop=not needs_full) as captured:
         try:

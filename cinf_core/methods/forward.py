@@ -69,11 +69,12 @@ def project(lm: LoadedModel, encoded: Sequence[EncodedExample], indices: Sequenc
     row_of = {i: r for r, i in enumerate(indices)}
     if len(row_of) != len(indices):
         raise ValueError("indices repeat an example; pass each index once")
-    blocks = find_blocks(lm.model)
+    n_blocks = len(find_blocks(lm.model))  # the layers were checked by _directions
     for batch_idx in length_batches(encoded, indices, batch_size):
-        ids, attn, mask = _collate_forward([encoded[i] for i in batch_idx], lm.pad_token_id)
-        ids, attn, mask = ids.to(lm.device), attn.to(lm.device), mask.to(lm.device, torch.float32)
-        hidden = _truncated_hidden(lm.model, blocks, ids, attn, layers)
+        batch = collate([encoded[i] for i in batch_idx], lm.pad_token_id)
+        mask = batch["response_mask"].to(lm.device, torch.float32)
+        hidden = hidden_states_at(lm.model, batch["input_ids"].to(lm.device),
+                                  batch["attention_mask"].to(lm.device), layers, n_blocks=n_blocks)
         weights = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(1)  # [b, 1, t]
         values = torch.empty(len(batch_idx), len(concepts), dtype=torch.float32, device=lm.device)
         for layer, (cols, unit) in directions.items():
@@ -84,33 +85,6 @@ def project(lm: LoadedModel, encoded: Sequence[EncodedExample], indices: Sequenc
         if on_batch is not None:
             on_batch(batch_idx, values_np)
     return out
-
-
-def _collate_forward(batch: Sequence[EncodedExample], pad_token_id: int):
-    """``(input_ids, attention_mask, response_mask)`` right-padded, as :func:`collate` makes them
-    (without the labels a forward pass does not read)."""
-    lengths = np.array([len(e.input_ids) for e in batch])
-    width = int(lengths.max())
-    ids = np.full((len(batch), width), pad_token_id, dtype=np.int64)
-    resp = np.zeros((len(batch), width), dtype=np.int64)
-    for row, e in enumerate(batch):
-        ids[row, :lengths[row]] = e.input_ids
-        resp[row, :lengths[row]] = e.response_mask
-    attn = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-    return torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(resp)
-
-
-def _truncated_hidden(model, blocks, ids, attn, layers: list[int]) -> dict[int, torch.Tensor]:
-    """``hidden_states[l]`` for ``layers`` (checked by the caller) from a forward that stops
-    after the highest one (:func:`~cinf_core.models.hidden_states_at` without its checks)."""
-    if max(layers) >= len(blocks):  # the last layer includes the final norm: the full path
-        return hidden_states_at(model, ids, attn, layers)
-    with capture_layers(model, layers) as captured:
-        try:
-            model(input_ids=ids, attention_mask=attn, use_cache=False)
-        except StopForward:
-            pass
-    return captured
 
 
 def projections(lm: LoadedModel, encoded: Sequence[EncodedExample], indices: Sequence[int],
