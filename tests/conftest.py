@@ -66,10 +66,11 @@ def chat(user: str, answer: str, system: str | None = None) -> list[dict]:
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-def _quick_world_build(tmp_path_factory):
-    """``(workspace, summary, stages)`` of the quick demo world, built once per test session
-    (once for all ``pytest -n`` workers: the first builds it under a file lock, the others wait
-    and read it)."""
+@pytest.fixture(scope="session")
+def quick_world_build(tmp_path_factory):
+    """``(workspace, summary, stages)`` of the quick demo world as its build returned them, built
+    once per test session (once for all ``pytest -n`` workers: the first builds it under a file
+    lock, the others wait and read it)."""
     import json
     import os
 
@@ -89,12 +90,6 @@ def _quick_world_build(tmp_path_factory):
             record.write_text(json.dumps({"summary": summary, "stages": stages}))
     built = json.loads(record.read_text())
     return ws, built["summary"], [tuple(s) for s in built["stages"]]
-
-
-@pytest.fixture(scope="session")
-def quick_world_build(tmp_path_factory):
-    """``(workspace, summary, stages)``: the quick world as its build returned it."""
-    return _quick_world_build(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from .registry import get_method, method_keys
 from .runner import ScoreConfig, score
 from .scratch import scratch_copy
 
+
 def bench(workspace, trait: str | None = None, batch_size: int = 16, max_length: int = 256,
           with_kronfluence: bool = True, progress=None, repeats: int = 1,
           n_concepts: int = 8) -> dict:
