@@ -5,10 +5,11 @@ import plotly.express as px
 import streamlit as st
 
 from cinf_core import jobs
-from cinf_core.experiments.evaluate import results_missing
+from cinf_core.experiments.evaluate import results_status
 from cinf_core.store import Store
 from cinf_core.views.format import demo_summary_text
 from cinf_core.views.labels import guess_trait_label, label_colors, label_mix
+from cinf_core.views.results import results_offer
 from cinf_core.views.runs import json_dict
 from pages import _shared as sh
 
@@ -24,8 +25,8 @@ st.markdown(
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _results_missing(ws: str, ver: str) -> list[str]:
-    return results_missing(sh.store())
+def _results_status(ws: str, ver: str) -> dict:
+    return results_status(sh.store())
 
 
 store = sh.store()
@@ -45,13 +46,17 @@ if store is None or (datasets.empty and not summary):
 else:
     if summary:
         st.caption("This workspace holds " + demo_summary_text(summary))
-    missing = _results_missing(sh.workspace(), sh.version())
-    if missing and sh.running_job(("demo", "results")) is None:  # not while the world builds
-        st.info("Not computed yet: " + "; ".join(missing) + ". The results job scores every "
-                "method (the cheap ones first, each shown as soon as it is stored), computes the "
-                "SAE feature views, then a small filter-and-retrain grid (Figure 2).",
-                icon=":material/pending:")
-        sh.job_launcher("overview:results", "Compute the results", "results", {})
+    offer = results_offer(_results_status(sh.workspace(), sh.version()),
+                          sh.read(Store.retrain_cells))
+    if offer.have:
+        st.markdown(offer.have)
+    if offer.button and sh.running_job(("demo", "results")) is None:  # not while one computes
+        if offer.fresh:
+            st.info(offer.todo, icon=":material/pending:")
+        else:
+            st.caption(offer.todo)
+        sh.job_launcher("overview:results", offer.button, "results", {},
+                        button_type="primary" if offer.fresh else "secondary")
     runs = sh.runs_view()
     concepts = sh.read(Store.concepts)
     models = sh.read(Store.models)

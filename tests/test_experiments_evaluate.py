@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from cinf_core.experiments.evaluate import ensure_runs, evaluate, latest_runs, result_methods
+from cinf_core.methods.registry import method_keys
 from cinf_core.store import Store
 from workspace_fixture import _add_run, make_examples
 
@@ -117,3 +118,57 @@ def test_signed_methods_get_the_two_sidedness_diagnostic(tmp_path, capsys):
     assert "Both ends for evil" in err
     line = [ln for ln in err.splitlines() if ln.strip().startswith("concept_influence ")][-1]
     assert f"{both['concept_influence']['top_recall']:.1%}" in line and "1.000" in line
+
+
+def test_results_status_counts_the_default_grid_beside_a_worlds_own(tmp_path, tiny_model_dir):
+    """A workspace that ran its own grid (Remove Most 50% only, as the SmolLM2 world did) lacks
+    the default grid's 25% cells only; a trait without cells lacks all 19; scored methods are
+    listed by key, the rest named as unscored; cells of an unfinished claim do not count."""
+    from cinf_core.data import ChatDataset, ChatExample
+    from cinf_core.experiments.evaluate import results_missing, results_status
+    from cinf_core.experiments.retrain import (RetrainConfig, _grid, environment, experiment_id,
+                                               results_grid)
+    from cinf_core.models import ModelSpec
+    from conftest import chat
+
+    store = Store(tmp_path / "ws")
+    def rows(kind: str, n: int = 4) -> ChatDataset:
+        return ChatDataset([ChatExample(chat(f"{kind} question {i}?", f"answer {i}."))
+                            for i in range(n)])
+
+    train = store.add_dataset("train", rows("train"), role="train")
+    store.add_dataset("heldout", rows("heldout"), role="heldout")
+    store.add_dataset("capability", rows("capability"), role="capability")
+    store.add_model("base", ModelSpec(path=str(tiny_model_dir)), role="base")
+    store.set_meta("retrain", {"lora": {"r": 4, "alpha": 8}})
+    query = [{"messages": chat("q", "a")}]
+    for trait in ("evil", "sycophantic"):
+        store.add_test_queries(trait, "m", query)
+    assert results_status(store)["retrain_unavailable"] is not None  # no judge yet
+    assert all(p["grid_missing"] == 0 for p in results_status(store)["traits"].values())
+    store.set_meta("judge", {"kind": "classifier", "path": "x"})
+
+    for method in ("random", "vector_filter"):
+        _add_run(store, method, train, "m", "c", "evil", np.arange(4.0))
+    exp = experiment_id(store, results_grid("evil"), environment(store))
+    own = RetrainConfig(trait="evil", methods=results_grid("evil").methods, modes=("most",),
+                        fractions=(0.5,), seeds=(0, 1))
+    for cell in _grid(own):
+        store.add_retrain_cell(exp, {**cell, "trait_score": 20.0})
+    store.claim_retrain_cell(exp, {"method": "random", "mode": "most", "fraction": 0.25,
+                                   "seed": 0, "trait": "evil"}, owner="elsewhere:1")
+
+    status = results_status(store)
+    n = len(result_methods())
+    assert status["retrain_unavailable"] is None and status["sae"] is False
+    assert status["grid"] == {"methods": list(results_grid("evil").methods), "modes": ["most"],
+                              "fractions": [0.25, 0.5], "seeds": [0, 1], "cells": 19}
+    evil, syco = status["traits"]["evil"], status["traits"]["sycophantic"]
+    assert evil["scored"] == [k for k in method_keys() if k in ("random", "vector_filter")]
+    assert set(evil["unscored"]) == set(result_methods()) - {"random", "vector_filter"}
+    assert (evil["grid_missing"], syco["grid_missing"]) == (8, 19)
+    assert syco["scored"] == [] and syco["unscored"] == result_methods()
+    assert results_missing(store) == [f"evil: {n - 2} scoring runs", "evil: 8 retrain cells",
+                                      f"sycophantic: {n} scoring runs",
+                                      "sycophantic: 19 retrain cells"]
+    assert results_status(store, retrain_grid=None)["grid"] is None

@@ -6,7 +6,7 @@ import numpy as np
 from ..methods.registry import figure4_keys, is_signed, method_key, method_keys, method_label
 from ..store import Store
 from .metrics import auc_pr, correlation_matrix, two_sidedness
-from .retrain import cells_missing, results_grid, retrain_unavailable, run_grid
+from .retrain import cells_missing, grid_size, results_grid, retrain_unavailable, run_grid
 
 
 def result_methods() -> list[str]:
@@ -131,17 +131,42 @@ def _retrain_all(workspace, store: Store, traits: list[str], retrain_grid, progr
             for trait in traits}
 
 
+def results_status(store: Store, retrain_grid=results_grid) -> dict:
+    """What :func:`compute_results` has and still lacks in ``store``'s workspace (reads only).
+
+    ``traits``: ``{trait: {"scored": [method keys with a complete run], "unscored": [keys of
+    :func:`result_methods` without one], "grid_missing": cells of ``retrain_grid(trait)``
+    (references included) not finished}}``; ``grid``: that grid's ``methods``, ``modes``,
+    ``fractions``, ``seeds`` and ``cells`` a trait (None without traits or grid);
+    ``retrain_unavailable``: why the workspace cannot retrain (then ``grid_missing`` is 0), or
+    None; ``sae``: whether an SAE is registered (the job then recomputes its feature views).
+    """
+    why = None if retrain_grid is None else retrain_unavailable(store)
+    traits, grid = {}, None
+    for trait in store.traits():
+        have = latest_runs(store, trait)
+        cfg = retrain_grid(trait) if retrain_grid is not None else None
+        if cfg is not None and grid is None:
+            grid = {"methods": list(cfg.methods), "modes": list(cfg.modes),
+                    "fractions": [float(f) for f in cfg.fractions],
+                    "seeds": [int(s) for s in cfg.seeds], "cells": grid_size(cfg)}
+        traits[trait] = {
+            "scored": [k for k in method_keys() if k in have],
+            "unscored": [k for k in result_methods() if k not in have],
+            "grid_missing": cells_missing(store, cfg) if cfg is not None and why is None else 0}
+    return {"traits": traits, "grid": grid, "retrain_unavailable": why,
+            "sae": not store.saes().empty}
+
+
 def results_missing(store: Store, retrain_grid=results_grid) -> list[str]:
     """What :func:`compute_results` would still compute in ``store``'s workspace (reads only),
     one phrase per trait and part (``"evil: 3 scoring runs"``, ``"evil: 19 retrain cells"``);
     empty when nothing."""
-    can_retrain = retrain_grid is not None and retrain_unavailable(store) is None
     out = []
-    for trait in store.traits():
-        runs = len(set(result_methods()) - set(latest_runs(store, trait)))
+    for trait, part in results_status(store, retrain_grid)["traits"].items():
+        runs, cells = len(part["unscored"]), part["grid_missing"]
         if runs:
             out.append(f"{trait}: {runs} scoring run{'s' * (runs > 1)}")
-        cells = cells_missing(store, retrain_grid(trait)) if can_retrain else 0
         if cells:
             out.append(f"{trait}: {cells} retrain cell{'s' * (cells > 1)}")
     return out

@@ -253,6 +253,11 @@ def _grid(cfg: RetrainConfig) -> list[dict]:
     return [{**c, "trait": cfg.trait} for c in cells]
 
 
+def grid_size(cfg: RetrainConfig) -> int:
+    """How many cells ``cfg``'s grid has, references included."""
+    return len(_grid(cfg))
+
+
 def experiment_id(store: Store, cfg: RetrainConfig, env: RetrainEnv) -> str:
     """Cells with the same trait, data, base model, recipe and evaluation share results (each
     method key is its own set of cells in it)."""
