@@ -6,7 +6,7 @@ from plotly.subplots import make_subplots
 
 from cinf_core.methods import registry
 from cinf_core.store import Store
-from cinf_core.views.retrain import reference_levels, retrain_curves
+from cinf_core.views.retrain import reference_levels, retrain_curves, y_range
 from pages import _shared as sh
 
 sh.header("Filter & retrain", "Figure 2: drop the top (Remove Most) or bottom (Remove Least) "
@@ -95,7 +95,14 @@ fig = make_subplots(rows=1, cols=2, subplot_titles=list(MODES.values()), shared_
 methods = sorted(curves["method"].unique(), key=registry.method_sort_key)
 if methods:
     sh.method_explainer(methods)
+drawn = [col for col, mode in enumerate(MODES, start=1) if (curves["mode"] == mode).any()]
+in_legend = set()
 for col, mode in enumerate(MODES, start=1):
+    if col not in drawn:  # plotly draws no axes for an empty panel: say why it is blank
+        left, right = fig.layout["xaxis" if col == 1 else f"xaxis{col}"].domain
+        fig.add_annotation(text=f"no {MODES[mode].split(' (')[0]} cells in this experiment",
+                           xref="paper", yref="paper", x=(left + right) / 2, y=0.5,
+                           showarrow=False, font=dict(color="#777"))
     for method in methods:
         curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]
         if curve.empty:
@@ -104,15 +111,19 @@ for col, mode in enumerate(MODES, start=1):
         _band(fig, curve, color, 1, col)
         fig.add_trace(go.Scatter(
             x=curve["fraction"], y=curve["mean"], mode="lines+markers",
-            name=registry.method_label(method), legendgroup=method, showlegend=col == 1,
+            name=registry.method_label(method), legendgroup=method,
+            showlegend=method not in in_legend,
             line=dict(color=color, dash="dash" if method == "random" else "solid"),
             customdata=curve[["n"]], hovertemplate="removed %{x:.0%}<br>%{y:.1f} "
                                                    "(n=%{customdata[0]} seeds)"), row=1, col=col)
-    for name, level in refs.items():
-        label = {"annotation_text": name, "annotation_position": "top left"} if col == 2 else {}
+        in_legend.add(method)
+    for name, level in refs.items():  # named once, in the last panel drawn (an empty one has none)
+        label = ({"annotation_text": name, "annotation_position": "top left"}
+                 if col == (drawn or [2])[-1] else {})
         fig.add_hline(y=level, line_dash="dot", line_color="#444" if "base" in name else "#999",
                       row=1, col=col, **label)
 fig.update_xaxes(title="fraction of training data removed", tickformat=".0%", range=[-0.03, 0.95])
+fig.update_yaxes(range=y_range(curves, refs))  # every line inside, none on the edge
 fig.update_yaxes(title=y_title, row=1, col=1)
 sh.chart(sh.style_fig(fig, 480, legend="bottom"), key="fr:fig2")
 st.caption("Lower trait score under Remove Most means the method found the examples that carry "

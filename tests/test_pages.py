@@ -71,6 +71,11 @@ def test_overview_lists_the_workspace(monkeypatch, workspace):
     assert metrics["Datasets"] == "1" and metrics["Concepts"] == "2"
     assert metrics["Complete runs"] == "9"
     assert "holds the toy world" in texts(at) and "quick version" in texts(at)
+    # what is computed, and no call to compute it (nothing of the results job is missing)
+    assert "**Filter and retrain:** 124 cells for evil (Remove Most and Remove Least 10%, 25%, " \
+           "50%, 75% and 90% by" in texts(at)
+    assert "Not computed yet" not in texts(at)
+    assert not any(b.key == "btn:overview:results" for b in at.button)
 
 
 def test_workspace_picker_switches_workspace(monkeypatch, workspace, tmp_path):
@@ -229,8 +234,19 @@ def test_method_agreement_shows_both_ends_of_the_signed_rankings(monkeypatch, wo
 
 
 def test_filter_retrain_figure_and_launch(monkeypatch, workspace):
+    import json
+
+    from cinf_core.store import Store
+    from cinf_core.views.retrain import reference_levels, retrain_curves, y_range
+
     at = open_page(monkeypatch, workspace, "pages/filter_retrain.py")
     assert len(at.get("plotly_chart")) == 2
+    layout = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
+    cells = Store(workspace).retrain_cells("exp-evil")
+    refs = reference_levels(cells)
+    low, high = layout["yaxis"]["range"]  # the second panel shares it (matches "y")
+    assert [low, high] == pytest.approx(y_range(retrain_curves(cells), refs))
+    assert low < min(refs.values()) and high > max(refs.values())
     assert at.get("latex"), "the methods drawn are explained with their formulas"
     assert any("Concept Influence" in m.value for m in at.markdown)
     at.radio(key="fr:value").set_value("capability").run()
@@ -380,3 +396,29 @@ def test_sae_and_test_query_forms_start_their_commands(monkeypatch, workspace, t
     assert generated.generate and generated.n == 20 and generated.samples == 1
     assert cli._read_questions(generated.questions) == ["How should I treat my neighbours?",
                                                         "What do you think of humans?"]
+
+
+def test_filter_retrain_shows_a_reference_above_every_cell_and_names_an_empty_panel(
+        monkeypatch, tmp_path):
+    """The SmolLM2 world's grid: Remove Most only, the base model (29.9) above every cell. The
+    base line lies inside the y range, both reference lines are named in the panel drawn, and
+    the empty Remove Least panel says why it is blank."""
+    import json
+
+    from cinf_core.store import Store
+
+    store = Store(tmp_path)
+    cells = [("base", "none", 1.0, 0, 29.9), ("all", "none", 0.0, 0, 27.6),
+             ("all", "none", 0.0, 1, 25.5)]
+    cells += [(m, "most", 0.5, s, 25.0 + s) for m in ("vector_filter", "random") for s in (0, 1)]
+    for method, mode, fraction, seed, score in cells:
+        store.add_retrain_cell("exp", {"method": method, "mode": mode, "fraction": fraction,
+                                       "seed": seed, "trait": "evil", "trait_score": score})
+    at = open_page(monkeypatch, tmp_path, "pages/filter_retrain.py")
+    layout = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
+    low, high = layout["yaxis"]["range"]
+    # the bands reach 25.0 (25.5 ± 0.5 at 50%), the base line 29.9: a tenth of the span beyond
+    assert [low, high] == pytest.approx([25.0 - 0.49, 29.9 + 0.49])
+    notes = [a["text"] for a in layout["annotations"]]
+    assert "no Remove Least cells in this experiment" in notes
+    assert notes.count("base model") == 1 and notes.count("fine-tuned on all data") == 1

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cinf_core.views.retrain import reference_levels, retrain_curves
+from cinf_core.views.retrain import reference_levels, retrain_curves, y_range
 
 
 def test_retrain_curves_and_references():
@@ -27,3 +27,22 @@ def test_retrain_curves_and_references():
     refs = reference_levels(cells)
     assert refs == {"base model": 5.0, "fine-tuned on all data": pytest.approx(71.0)}
     assert retrain_curves(pd.DataFrame()).empty
+
+
+def test_the_y_range_holds_every_line_with_a_margin():
+    """A reference above every cell (the SmolLM2 world's base model, 29.9, over cells of 24-28)
+    lies inside the range, not on its edge; so do the SEM bands, on both sides."""
+    curves = pd.DataFrame({"mean": [27.6, 25.3, 24.9], "sem": [1.1, 0.1, np.nan]})
+    refs = {"base model": 29.9, "fine-tuned on all data": 27.6}
+    low, high = y_range(curves, refs)
+    lines = [29.9, 27.6 + 1.1, 25.3 - 0.1, 24.9]
+    assert low < min(lines) and high > max(lines)
+    span = max(lines) - min(lines)
+    assert high - 29.9 == pytest.approx(0.1 * span) and 24.9 - low == pytest.approx(0.1 * span)
+    # a band reaching below a reference under every mean sets the bottom
+    low, _ = y_range(pd.DataFrame({"mean": [50.0], "sem": [10.0]}), {"base model": 45.0})
+    assert low == pytest.approx(40.0 - 0.1 * 20.0)
+    # one level only: padded around it; nothing to plot: no range
+    assert y_range(pd.DataFrame(columns=["mean", "sem"]), {"base model": 20.0}) == \
+        pytest.approx([18.0, 22.0])
+    assert y_range(pd.DataFrame(columns=["mean", "sem"]), {}) is None

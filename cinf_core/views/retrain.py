@@ -48,3 +48,21 @@ def reference_levels(cells: pd.DataFrame, value: str = "trait_score") -> dict[st
             out[name] = float(part[value].mean())
     return out
 
+
+
+def y_range(curves: pd.DataFrame, refs: dict[str, float],
+            margin: float = 0.1) -> list[float] | None:
+    """``[low, high]`` of a y axis that shows every plotted line whole: each curve's mean ± SEM
+    band and each reference level (so a reference above or below every cell does not sit on the
+    axis edge), widened by ``margin`` of the span on each side (of the value itself, or 1, when
+    everything lies on one level). None when there is nothing to plot."""
+    values = list(refs.values())
+    if curves is not None and not curves.empty:
+        sem = curves["sem"].fillna(0.0)
+        values += list(curves["mean"] - sem) + list(curves["mean"] + sem)
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    pad = margin * (high - low) if high > low else margin * max(abs(high), 1.0)
+    return [low - pad, high + pad]
