@@ -44,6 +44,21 @@ class JobUnavailable(RuntimeError):
     workspace read-only."""
 
 
+STALE_ERROR = "the job's process ended without reporting (killed or crashed)"
+"""How :func:`job_state` words the error of a job whose runner is gone without finishing."""
+KILLED_ERROR = "the job's command was killed"
+"""How :func:`run_job` words the error of a job whose command a signal ended."""
+
+
+def job_interrupted(job) -> bool:
+    """Whether ``job`` (a row of the jobs table) ended unfinished through no choice of its own:
+    its runner vanished (killed, crashed, the machine restarted: :data:`STALE_ERROR`) or a signal
+    ended its command (:data:`KILLED_ERROR`). Not a job that is done, was cancelled by the user,
+    or failed with an error of its own."""
+    return (job.get("status") == "failed"
+            and str(job.get("error") or "").startswith((STALE_ERROR, KILLED_ERROR)))
+
+
 READ_ONLY_ENV = "CINF_READ_ONLY"
 """Set to ``1`` in the app's process by ``python -m cinf_core app --read-only`` (the default on
 an address other than loopback): the app then starts, cancels and records no job."""
@@ -200,8 +215,7 @@ def job_state(store, job_id: str, stale_after_s: float = 10.0) -> dict:
     if job["status"] in ACTIVE:
         age = time.time() - _timestamp(job["updated_at"])
         if age > stale_after_s and not _alive(job["pid"]):
-            error = ("the job's process ended without reporting (killed or crashed); see "
-                     f"{job_log_path(store.workspace, job_id)}")
+            error = f"{STALE_ERROR}; see {job_log_path(store.workspace, job_id)}"
             if store.read_only:
                 return {**job, "status": "failed", "error": error}
             store.update_job(job_id, status="failed", error=error)
@@ -347,7 +361,14 @@ def run_job(workspace, job_id: str) -> int:
     if code == 0 and not (result or {}).get("error"):
         store.update_job(job_id, status="done", progress=1.0, message="done", result=result)
         return 0
-    error = (result or {}).get("error") or plain_error(lines) or f"exit code {code}"
+    error = (result or {}).get("error")
+    if not error and code < 0:  # a signal ended it: its last stderr line says nothing about why
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        error = f"{KILLED_ERROR} ({name})"
+    error = error or plain_error(lines) or f"exit code {code}"
     store.update_job(job_id, status="failed", message=f"failed (exit code {code})",
                      result=result, error=str(error))
     return code or 1

@@ -132,6 +132,26 @@ def test_stale_job_is_marked_failed(tmp_path):
     store.update_job(job_id, status="running", pid=dead.pid)
     job = jobs.job_state(store, job_id, stale_after_s=0.0)
     assert job["status"] == "failed" and "ended without reporting" in job["error"]
+    assert jobs.job_interrupted(job) and jobs.job_interrupted(store.job(job_id))
+
+
+def test_a_command_killed_by_a_signal_is_an_interrupted_job(tmp_path, monkeypatch):
+    """A signal (the OOM killer's SIGKILL) ends the command: the row says so, not whatever its
+    last stderr line was, and the job counts as interrupted; a job that failed with an error of
+    its own, was cancelled or is done does not."""
+    killed = ("import os, signal, sys; print('loading the model', file=sys.stderr, flush=True); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    monkeypatch.setitem(jobs.JOB_KINDS, "test_killed", jobs.JobKind("test_killed", "Killed"))
+    monkeypatch.setattr(jobs, "job_argv", lambda kind, args, ws: [sys.executable, "-c", killed])
+    store = Store(tmp_path)
+    job_id = store.create_job("test_killed", {})
+    assert jobs.run_job(tmp_path, job_id) == -9
+    job = store.job(job_id)
+    assert job["status"] == "failed" and job["error"] == "the job's command was killed (SIGKILL)"
+    assert jobs.job_interrupted(job)
+    assert not jobs.job_interrupted({**job, "error": "no judge endpoint"})
+    assert not jobs.job_interrupted({**job, "status": "cancelled", "error": None})
+    assert not jobs.job_interrupted({**job, "status": "done", "error": None})
 
 
 def test_cancel_job_stops_its_process_group(tmp_path):
