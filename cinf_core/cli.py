@@ -154,16 +154,15 @@ def _app(p: argparse.ArgumentParser):
             finally:
                 progress.close()
             print(f"demo world ready in {summary.get('workspace')}", file=sys.stderr)
-            from .experiments.evaluate import results_missing
-            from .jobs import active_jobs, start_job
+            from .jobs import start_job
             from .store import Store
+            from .views.results import app_results_action
 
-            store = Store(args.workspace)
-            missing = results_missing(store)
-            if missing and not active_jobs(store, ("results",)):
-                start_job(args.workspace, "results", {})
-                print(f"computing in the background ({', '.join(missing)}); the pages fill in as "
-                      "each part is stored (see Overview > Background jobs)", file=sys.stderr)
+            action = app_results_action(Store(args.workspace))
+            if action.start:
+                start_job(args.workspace, "results", action.args)
+            if action.line:
+                print(action.line, file=sys.stderr)
         env = dict(os.environ, CINF_WORKSPACE=str(workspace))
         env.pop(READ_ONLY_ENV, None)
         if read_only:

@@ -84,6 +84,47 @@ def test_app_starts_the_results_job_once(tmp_path, monkeypatch, capsys):
     assert started == ["results"]
 
 
+def test_app_resumes_an_interrupted_results_job_and_leaves_computed_results_alone(
+        tmp_path, monkeypatch, capsys):
+    """An interrupted results job is started again with its args; a world that holds results
+    (some methods scored here, no results job ever) gets a line and no job: the Overview offers
+    the rest."""
+    import numpy as np
+
+    from cinf_core import cli, jobs
+    from cinf_core.demo import world
+    from cinf_core.store import Store
+    from workspace_fixture import _add_run, make_examples
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: 0)
+    monkeypatch.setattr(world, "build_world", lambda ws, quick=False, progress=None: {})
+    monkeypatch.setattr(jobs, "start_job", lambda ws, kind, args: started.append((kind, args)))
+    store = Store(tmp_path)
+    train = store.add_dataset("train", make_examples(20, 4))
+    store.add_test_queries("evil", "m", [{"messages": chat("q", "a")}])
+    for method in ("random", "vector_filter"):
+        _add_run(store, method, train, "m", "c", "evil", np.arange(20.0))
+    app = ["app", "--workspace", str(tmp_path), "--no-progress"]
+
+    assert main(app) == 0
+    err = capsys.readouterr().err
+    assert started == [] and "results computed: evil: 2 of " in err
+    assert "no job started: the Overview offers 'Compute the rest of the results: " in err
+
+    job_id = store.create_job("results", {"workers": 2})
+    store.update_job(job_id, status="failed", error=f"{jobs.STALE_ERROR}; see the log")
+    assert main(app) == 0
+    assert started == [("results", {"workers": 2})]
+    err = capsys.readouterr().err
+    assert "resuming the results job that was interrupted (still to compute: evil: " in err
+
+    store.update_job(store.create_job("results", {}), status="cancelled")
+    assert main(app) == 0
+    assert started == [("results", {"workers": 2})]
+    assert "the last results job was cancelled, so none is started" in capsys.readouterr().err
+
+
 def test_set_judge_stores_a_spec_without_the_key(tmp_path, capsys, monkeypatch):
     from cinf_core.store import Store
 

@@ -1,6 +1,7 @@
 """What the Overview says about a workspace's results and what it offers to compute: the methods
 scored and the filter-and-retrain cells finished, per trait, and — only for what is missing — the
-results job, worded by what it would add (everything on a fresh world, the rest otherwise)."""
+results job, worded by what it would add (everything on a fresh world, the rest otherwise); and
+whether ``python -m cinf_core app`` starts that job itself as it opens the workspace."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -167,3 +168,107 @@ def results_offer(status: Mapping, cells: pd.DataFrame | None) -> ResultsOffer:
     else:
         button = f"Compute the rest of the default grid: {_plural(n_cells, 'more retrain cell')}"
     return ResultsOffer("\n\n".join(have), " ".join(todo), button, fresh=False)
+
+
+@dataclass(frozen=True)
+class OpenAction:
+    """What ``python -m cinf_core app`` does about the results job as it opens a workspace:
+    ``start`` it with ``args`` or not, and the ``line`` it prints on stderr (None: nothing)."""
+
+    start: bool
+    args: dict
+    line: str | None
+
+
+BACKGROUND = "the pages fill in as each part is stored (see Overview > Background jobs)"
+
+
+def _computed_words(status: Mapping, cells: pd.DataFrame | None) -> str:
+    """``all 8 methods scored for evil and sycophantic, 11 filter-and-retrain cells for evil``."""
+    traits: Mapping[str, Mapping] = status.get("traits", {})
+    n_of = max((len(p["scored"]) + len(p["unscored"]) for p in traits.values()), default=0)
+    counts = {t: len(p["scored"]) for t, p in traits.items()}
+    if not traits:
+        scored = None
+    elif set(counts.values()) == {n_of} and n_of:
+        scored = f"all {_plural(n_of, 'method')} scored for {_join(list(traits))}"
+    elif not any(counts.values()):
+        scored = "no method scored"
+    else:
+        scored = ", ".join(f"{t}: {n} of {_plural(n_of, 'method')} scored" if n else
+                           f"{t}: no method scored" for t, n in counts.items())
+    done = pd.Series(dtype=object)
+    if cells is not None and not cells.empty:
+        done = cells.loc[cells["status"].fillna("complete") == "complete", "trait"]
+    per_trait = done.value_counts()
+    retrained = (_join([f"{_plural(int(n), 'filter-and-retrain cell')} for {t}"
+                        for t, n in per_trait.items()]) if len(per_trait)
+                 else "no filter-and-retrain cells")
+    return f"{scored}, {retrained}" if scored else retrained
+
+
+def results_on_open(missing: Sequence[str], status: Mapping, cells: pd.DataFrame | None,
+                    running: Sequence[Mapping], last: Mapping | None) -> OpenAction:
+    """Whether the app command starts the results job on the workspace it opens.
+
+    ``missing``: what the job would compute
+    (:func:`~cinf_core.experiments.evaluate.results_missing`); ``status`` and ``cells`` as for
+    :func:`results_offer`; ``running``: the results jobs queued or running
+    (:func:`~cinf_core.jobs.active_jobs`); ``last``: the newest results job that ended, or None
+    when none ever ran.
+
+    It starts the job only where the user expects it: on a fresh world (nothing computed, no
+    results job ever: the demo's first minutes, the pages filling in as the job stores each
+    part), or to resume a results job that was interrupted (its runner or command killed, the
+    machine restarted; :func:`~cinf_core.jobs.job_interrupted`) with that job's args. A workspace
+    that holds results computed otherwise (another grid, by hand, a job that finished, failed or
+    was cancelled) gets a line saying what is computed and that the Overview offers the rest;
+    retraining the default grid can take hours, so it is never started just by opening the app.
+    """
+    from ..jobs import job_interrupted
+
+    if running:
+        job = running[0]
+        doing = f": {job['message']}" if job.get("message") else ""
+        at = f"{float(job.get('progress') or 0):.0%}{doing}"
+        return OpenAction(False, {}, f"a results job is already running ({at}); {BACKGROUND}")
+    offer = results_offer(status, cells)
+    if not missing:  # nothing to say on a workspace without traits or anything computed
+        return OpenAction(False, {}, None if offer.fresh else (
+            "results computed: " + _computed_words(status, cells) + "; nothing left to compute"))
+    todo = ", ".join(missing)
+    if last is not None and job_interrupted(last):
+        args = dict(last.get("args") or {})
+        return OpenAction(True, args, f"resuming the results job that was interrupted (still to "
+                                      f"compute: {todo}; what it stored is kept); {BACKGROUND}")
+    if offer.fresh and last is None:
+        return OpenAction(True, {}, f"computing in the background ({todo}); {BACKGROUND}")
+    if last is not None and last.get("status") == "cancelled":
+        why = "the last results job was cancelled, so none is started"
+    elif last is not None and last.get("status") == "failed":
+        error = last.get("error") or "no message"
+        why = f"the last results job failed ({error}), so none is started"
+    else:
+        why = "no job started"
+    computed = "nothing computed yet" if offer.fresh else ("results computed: "
+                                                           + _computed_words(status, cells))
+    button = offer.button or "Compute the results"
+    return OpenAction(False, {}, f"{computed}; {why}: the Overview offers '{button}' ({todo})")
+
+
+def app_results_action(store) -> OpenAction:
+    """:func:`results_on_open` for ``store``'s workspace (a results job whose runner is gone is
+    marked failed on the way, see :func:`~cinf_core.jobs.active_jobs`)."""
+    from ..experiments.evaluate import results_missing, results_status
+    from ..jobs import ACTIVE, active_jobs
+
+    running = active_jobs(store, ("results",))
+    if running:
+        return results_on_open([], {"traits": {}}, None, running, None)
+    frame, last = store.jobs(), None  # newest first
+    if not frame.empty:
+        ended = frame[(frame["kind"] == "results") & ~frame["status"].isin(ACTIVE)]
+        if not ended.empty:
+            last = store.job(ended["job_id"].iloc[0])
+    return results_on_open(results_missing(store), results_status(store), store.retrain_cells(),
+                           [], last)
