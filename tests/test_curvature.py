@@ -16,6 +16,7 @@ from cinf_core.curvature import (
     precondition,
     select_modules,
 )
+from cinf_core.curvature import ekfac
 from cinf_core.curvature.lm import response_losses
 from cinf_core.data import collate
 from cinf_core.concepts import DirectionConcept
@@ -271,6 +272,160 @@ def test_ekfac_influence_matches_exact_gauss_newton_inverse(shape):
                                                 params)).double()
     exact_ci = -(g_f @ torch.linalg.solve(block_diagonal + torch.diag(damping), train_grads.T)).numpy()
     assert spearmanr(ci, exact_ci).statistic >= 0.9
+
+
+def test_tape_hands_over_exact_gradients_through_the_embedding_leaf(world):
+    """The tape's backward runs to the input embeddings' output (no per-module anchor) and hands
+    over the same (a, g) as the anchor route; output gradients at padding positions are exactly
+    zero (why they need no masking); modules reading one input share one ``a`` object."""
+    from cinf_core.curvature.tape import LinearTape
+
+    lm = world.lm
+    modules = select_modules(lm.model, CurvatureConfig())
+    batch = collate(world.train[:5], lm.pad_token_id)
+    pad = ~batch["attention_mask"].bool()
+    assert pad.any()
+
+    def run(model):
+        got = {}
+        with LinearTape(modules, lambda n, a, g: got.__setitem__(n, (a, g)), model=model) as tape:
+            tape.start(batch["attention_mask"])
+            tape.backward(response_losses(lm.model, batch).sum())
+            shared = tape.sharing("model.layers.0.self_attn.q_proj")
+            return got, tape._anchor_used, shared
+
+    leaf, anchor_used, shared = run(lm.model)
+    anchored, anchor_used_without, _ = run(None)
+    assert not anchor_used and anchor_used_without
+    assert shared == tuple(sorted(f"model.layers.0.self_attn.{p}_proj" for p in "qkv"))
+    assert leaf["model.layers.0.self_attn.q_proj"][0] is leaf["model.layers.0.self_attn.k_proj"][0]
+    assert set(leaf) == set(anchored) == set(modules)
+    for name, (a, g) in leaf.items():
+        assert torch.equal(a, anchored[name][0]) and torch.equal(g, anchored[name][1]), name
+        assert bool((g[pad] == 0).all()), name
+        assert bool((a[pad] == 0).all()), name  # inputs at padding are masked (the default)
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def _lora_world(bias: bool):
+    """A tiny Llama with a LoRA adapter on every attention and MLP Linear, B non-zero (peft starts
+    it at zero, which would leave every lora_A without gradient), float64."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    world = make_world(n_train=24, n_queries=3, hidden=16, layers=2, bias=bias)
+    model = get_peft_model(copy.deepcopy(world.lm.model), LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    lm = copy.copy(world.lm)
+    lm.model = model
+    return world, lm
+
+
+def _reference_ekfac(lm, modules, examples):
+    """EK-FAC of every module computed the plain way, nothing shared between modules: A and S
+    from per-token inputs and output gradients captured with ordinary hooks (padding excluded),
+    eigenvectors of each, Lambda from autograd's per-example parameter gradients. Empirical
+    Fisher, one example at a time (no padding)."""
+    inputs, outputs = {}, {}
+    handles = []
+    for name, m in modules.items():
+        def hook(mod, inp, out, name=name):
+            inputs[name] = inp[0].detach()
+            out.register_hook(lambda g: outputs.__setitem__(name, g.detach()))
+        handles.append(m.register_forward_hook(hook))
+    a_cov = {n: 0.0 for n in modules}
+    s_cov = {n: 0.0 for n in modules}
+    grads = []
+    params = [m.weight for m in modules.values()]
+    saved = [(p, p.requires_grad) for m in modules.values() for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(True)
+    try:
+        for ex in examples:
+            batch = collate([ex], lm.pad_token_id)
+            loss = response_losses(lm.model, batch).sum()
+            grads.append(torch.autograd.grad(loss, params))
+            for name in modules:
+                a = inputs[name].reshape(-1, inputs[name].shape[-1])
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if modules[name].bias is not None else a
+                g = outputs[name].reshape(-1, outputs[name].shape[-1])
+                a_cov[name] = a_cov[name] + a.T @ a
+                s_cov[name] = s_cov[name] + g.T @ g
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for k, name in enumerate(modules):
+        u_a, u_s = torch.linalg.eigh(a_cov[name])[1], torch.linalg.eigh(s_cov[name])[1]
+        g = torch.stack([gr[k] for gr in grads])
+        if modules[name].bias is not None:
+            g = torch.cat([g, torch.stack([torch.autograd.grad(
+                response_losses(lm.model, collate([ex], lm.pad_token_id)).sum(), modules[name].bias)[0]
+                for ex in examples]).unsqueeze(-1)], -1)
+        lam = (u_s.T @ g @ u_a).square().mean(0)
+        out[name] = (u_a, u_s, lam)
+    for p, flag in saved:
+        p.requires_grad_(flag)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21 on transformers 5
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_shared_factors_on_a_lora_model_match_a_plain_fit(bias, monkeypatch):
+    """The fit shares work between modules (one A for the modules reading the same input; a LoRA
+    B's S taken from its base layer; rotated tokens shared in the eigenvalue pass; the upper
+    triangle of each covariance): its preconditioner equals EK-FAC computed per module the plain
+    way, and the sharing actually happened."""
+    world, lm = _lora_world(bias)
+    cfg = CurvatureConfig(fisher="empirical", batch_size=5)
+    factors = fit_factors(lm, world.train, cfg)
+    modules = factors.tracked_modules(lm.model)
+    assert len(modules) == 2 * 7 * 3
+    q = "base_model.model.model.layers.1.self_attn.q_proj"
+    k = "base_model.model.model.layers.1.self_attn.k_proj"
+    f = factors.modules
+    assert f[f"{q}.base_layer"].eigvecs_a is f[f"{k}.base_layer"].eigvecs_a  # q, k, v read one input
+    assert (f[f"{q}.base_layer"].eigvecs_a is f[f"{q}.lora_A.default"].eigvecs_a) == (not bias)
+    assert f[f"{q}.lora_B.default"].eigvecs_s is f[f"{q}.base_layer"].eigvecs_s  # S_B = s^2 S_base
+    reference = _reference_ekfac(lm, modules, world.train)
+    gen = torch.Generator().manual_seed(1)
+    probe = {n: torch.randn(2, *m.shape, dtype=torch.float64, generator=gen) for n, m in f.items()}
+    ours = precondition(factors, probe)
+    for name, (u_a, u_s, lam) in reference.items():
+        damping = factors.damping_for(name)
+        assert float(lam.mean()) * cfg.damping == pytest.approx(damping, rel=1e-6)
+        expected = u_s @ ((u_s.T @ probe[name] @ u_a) / (lam + damping)) @ u_a.T
+        assert _rel_err(ours[name], expected) < 1e-4, name  # factors are float32: measured <= 8e-6
+    # A base layer whose LoRA B does not scale its gradient as claimed is fitted on its own.
+    wrong = {n: (base, s * 1.5) for n, (base, s) in ekfac._scaled_outputs(lm.model, modules).items()}
+    monkeypatch.setattr(ekfac, "_scaled_outputs", lambda model, mods: wrong)
+    unshared = fit_factors(lm, world.train, cfg)
+    assert unshared.modules[f"{q}.lora_B.default"].eigvecs_s is not unshared.modules[f"{q}.base_layer"].eigvecs_s
+    again = precondition(unshared, probe)
+    for name in probe:
+        assert _rel_err(again[name], ours[name]) < 1e-4, name
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_shared_factors_save_and_load(tmp_path):
+    """Modules sharing an eigenvector tensor are written as separate tensors (safetensors refuses
+    shared memory) and load back equal."""
+    world, lm = _lora_world(bias=False)
+    factors = fit_factors(lm, world.train[:6], CurvatureConfig(batch_size=3))
+    loaded = EKFACFactors.load(factors.save(tmp_path / "f"))
+    for name, m in factors.modules.items():
+        assert torch.equal(loaded.modules[name].eigvecs_a, m.eigvecs_a)
+        assert torch.equal(loaded.modules[name].eigvecs_s, m.eigvecs_s)
+        assert torch.equal(loaded.modules[name].eigvals, m.eigvals)
 
 
 def test_fit_does_not_depend_on_batch_size(world, monkeypatch):

@@ -17,6 +17,13 @@ EK-FAC (George et al. 2018; Grosse et al. 2023):
    so ``H_m ~= (U_S x U_A) diag(Lambda) (U_S x U_A)^T`` has the exact diagonal in that basis.
 
 ``(H_m + lambda I)^{-1} G = U_S [(U_S^T G U_A) / (Lambda + lambda)] U_A^T``.
+
+Work shared between modules, none of it an approximation: modules that read the same input
+tensor (q/k/v of an attention block; a LoRA ``lora_A`` and its base layer) have one A, one
+eigendecomposition and one set of rotated input tokens; a LoRA ``lora_B``'s output gradient is
+its base layer's times the adapter's scaling, so its S is the base layer's up to a factor (checked
+on the first batch) and the two share eigenvectors and rotated output-gradient tokens. Each
+covariance accumulates its upper triangle only.
 """
 from __future__ import annotations
 
@@ -104,11 +111,19 @@ class EKFACFactors:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-        tensors = {}
+        tensors, seen = {}, set()
+
+        def own(t: torch.Tensor) -> torch.Tensor:  # safetensors refuses tensors sharing memory
+            t = t.contiguous()
+            if t.data_ptr() in seen:
+                return t.clone()
+            seen.add(t.data_ptr())
+            return t
+
         for name, f in self.modules.items():
-            tensors[f"{name}::eigvecs_a"] = f.eigvecs_a.contiguous()
-            tensors[f"{name}::eigvecs_s"] = f.eigvecs_s.contiguous()
-            tensors[f"{name}::eigvals"] = f.eigvals.contiguous()
+            tensors[f"{name}::eigvecs_a"] = own(f.eigvecs_a)
+            tensors[f"{name}::eigvecs_s"] = own(f.eigvecs_s)
+            tensors[f"{name}::eigvals"] = own(f.eigvals)
         save_file(tensors, str(tmp / FACTORS_FILE))
         (tmp / FACTORS_META_FILE).write_text(json.dumps(self.meta(), indent=2))
         if directory.exists():
@@ -202,27 +217,65 @@ def fit_ekfac(
             cov_a[name] = torch.zeros(in_dim, in_dim, dtype=torch.float32)
             cov_s[name] = torch.zeros(out_dim, out_dim, dtype=torch.float32)
 
+    # Modules that read the same input (q/k/v; a LoRA A and its base layer) have the same A:
+    # it is accumulated once per batch for the group of modules sharing the input in that batch.
+    group_a: dict[tuple, torch.Tensor] = {}
+    groups_of: dict[str, set[tuple]] = {}
+    done: set[tuple] = set()
+
+    # A LoRA B's output gradient is its base layer's times the adapter's scaling s, so its S is
+    # s^2 times the base layer's: checked on the first batch, then taken from the base layer.
+    candidates = {} if comm is not None else _scaled_outputs(model, modules)
+    follows: dict[str, tuple[str, float]] = {}
+
     def accumulate_covariances(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        if name not in cov_a:
-            cov_a[name] = torch.zeros(a2.shape[1], a2.shape[1], dtype=a2.dtype, device=a.device)
-            cov_s[name] = torch.zeros(g2.shape[1], g2.shape[1], dtype=g2.dtype, device=g.device)
-        cov_a[name].addmm_(a2.T.to(cov_a[name]), a2.to(cov_a[name]))
-        cov_s[name].addmm_(g2.T.to(cov_s[name]), g2.to(cov_s[name]))
+        g2 = g.reshape(-1, g.shape[-1])
+        key = (tape.sharing(name), a.shape[-1])
+        groups_of.setdefault(name, set()).add(key)
+        if key not in done:
+            done.add(key)
+            a2 = a.reshape(-1, a.shape[-1])
+            if key not in group_a:
+                group_a[key] = torch.zeros(a2.shape[1], a2.shape[1], dtype=torch.float32, device=a.device)
+            _add_gram_upper(group_a[key], a2)
+        if name in follows:
+            return
+        if name not in cov_s:
+            cov_s[name] = torch.zeros(g2.shape[1], g2.shape[1], dtype=torch.float32, device=g.device)
+        _add_gram_upper(cov_s[name], g2)
 
     n_examples = n_tokens = 0
     with eval_mode(model):
         start = time.perf_counter()
-        with LinearTape(modules, accumulate_covariances) as tape:
+        with LinearTape(modules, accumulate_covariances, model=model) as tape:
             for indices, batch in make_batches():
                 mask = batch.get("attention_mask")
                 tape.start(mask)
+                done.clear()
                 tape.backward(loss_fn(model, batch, indices).sum())
+                if candidates:
+                    follows.update(_proportional(cov_s, candidates))
+                    candidates = {}
                 n_tokens += int(mask.sum()) if mask is not None else 0
                 n_examples += len(indices)
                 if progress is not None:
                     progress(len(indices))
         clock["covariances_s"] = tape.seconds
+        for m in list(group_a.values()) + list(cov_s.values()):
+            _symmetrise_(m)
+        for name, (base, _) in follows.items():
+            cov_s[name] = cov_s[base]  # the same eigenvectors (one decomposition, one object)
+        combined: dict[frozenset, torch.Tensor] = {}
+        for name, keys in groups_of.items():
+            keys = frozenset(keys)
+            if keys not in combined:  # one group in every batch (the usual case): no copy
+                parts = [group_a[k] for k in sorted(keys, key=repr)]
+                combined[keys] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            if comm is not None:
+                cov_a[name] += combined[keys].to(cov_a[name])  # one tensor each: summed in place
+            else:
+                cov_a[name] = combined[keys]  # shared by the modules of one group
+        group_a.clear()
         if comm is not None:
             comm.sum_tensors(cov_a)
             comm.sum_tensors(cov_s)
@@ -241,8 +294,7 @@ def fit_ekfac(
         if comm is not None:
             vecs_a, vecs_s = comm.eigh(cov_a), comm.eigh(cov_s)
         else:
-            vecs_a = {n: torch.linalg.eigh(cov_a[n].double())[1].float() for n in modules}
-            vecs_s = {n: torch.linalg.eigh(cov_s[n].double())[1].float() for n in modules}
+            vecs_a, vecs_s = _eigenvectors(cov_a, modules), _eigenvectors(cov_s, modules)
         bases = {name: (vecs_a[name], vecs_s[name]) for name in modules}
         clock["eigh_s"] = time.perf_counter() - start
         cov_a.clear()
@@ -252,28 +304,67 @@ def fit_ekfac(
             for name, module in modules.items():
                 lambdas[name] = torch.zeros(grad_shape(module), dtype=torch.float32)
 
+        rotated_inputs: dict[tuple[int, int], torch.Tensor] = {}
+        rotated_grads: dict[str, torch.Tensor] = {}
+        # module -> (the base layer whose output gradient it scales, the scale)
+        grad_source = {m: pair for m, pair in follows.items()}
+        grad_source.update({base: (base, 1.0) for base, _ in follows.values()})
+        pair_of: dict[str, list[str]] = {}
+        for m, (base, _) in grad_source.items():
+            pair_of.setdefault(base, []).append(m)
+
+        def rotates_alone(name: str, seq: int) -> bool:
+            """Whether rotating tokens is cheaper for ``name`` on its own (nothing shared)."""
+            out, inp = grad_shape(modules[name])
+            return seq * (out * out + inp * inp) <= out * inp * (out + inp)
+
         def accumulate_lambda(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
             u_a, u_s = bases[name][0].to(a), bases[name][1].to(g)
             seq, out, inp = g.shape[1], g.shape[-1], a.shape[-1]
             # Rotated per-example gradients U_S^T G_n U_A [chunk, out, in], a few examples at a
             # time: rotate the tokens first (seq (out^2 + in^2) + seq out in multiply-adds per
             # example) or form G_n first and rotate it (seq out in + out in (out + in)), whichever
-            # costs less (a low-rank LoRA matrix: the latter).
-            tokens_first = seq * (out * out + inp * inp) <= out * inp * (out + inp)
+            # costs less (a low-rank LoRA matrix: the latter). Modules sharing an input and its
+            # eigenbasis share the rotated input tokens; a LoRA B and its base layer share the
+            # rotated output gradient tokens (up to the scale), so both rotate tokens.
+            source = grad_source.get(name)
+            # What rotating tokens costs this module beyond its share: nothing for a side whose
+            # rotation another module (sharing its input / output gradient) makes anyway.
+            a_free = any(rotates_alone(m, seq) for m in tape.sharing(name)
+                         if m != name and bases[m][0] is bases[name][0])
+            g_free = source is not None and any(rotates_alone(m, seq) for m in pair_of[source[0]]
+                                                if m != name)
+            tokens = (0 if a_free else seq * inp * inp) + (0 if g_free else seq * out * out)
+            tokens_first = tokens + seq * out * inp <= seq * out * inp + out * inp * (out + inp)
             if tokens_first:
-                g, a = g @ u_s, a @ u_a
+                key = (id(a), id(bases[name][0]))
+                if key not in rotated_inputs:
+                    rotated_inputs[key] = a @ u_a
+                a = rotated_inputs[key]
+                if source is None:
+                    g = g @ u_s
+                else:
+                    base, scale = source
+                    if base not in rotated_grads:  # in the base layer's scale
+                        rotated_grads[base] = g @ u_s if scale == 1.0 else (g @ u_s) / scale
+                    g = rotated_grads[base] if scale == 1.0 else rotated_grads[base] * scale
             chunk = max(1, LAMBDA_CHUNK_BYTES // (out * inp * a.element_size()))
             for s in range(0, g.shape[0], chunk):
-                rotated = torch.einsum("bto,bti->boi", g[s: s + chunk], a[s: s + chunk])
+                rotated = torch.bmm(g[s: s + chunk].transpose(1, 2), a[s: s + chunk])
                 if not tokens_first:
                     rotated = u_s.T @ rotated @ u_a
-                sq = rotated.square().sum(0)
-                lambdas[name] = sq if name not in lambdas else lambdas[name] + sq.to(lambdas[name])
+                sq = rotated.square_().sum(0)
+                if name in lambdas:
+                    lambdas[name].add_(sq)
+                else:
+                    lambdas[name] = sq
 
         start = time.perf_counter()
-        with LinearTape(modules, accumulate_lambda, mask_grads=False) as tape:
+        with LinearTape(modules, accumulate_lambda, mask_inputs=False, model=model) as tape:
             for indices, batch in make_batches():
                 tape.start(batch.get("attention_mask"))
+                rotated_inputs.clear()
+                rotated_grads.clear()
                 tape.backward(loss_fn(model, batch, indices).sum())
                 if progress is not None:
                     progress(len(indices))
@@ -290,6 +381,75 @@ def fit_ekfac(
         for name in modules
     }
     return factors, n_examples, n_tokens
+
+
+GRAM_STRIP = 64
+
+
+def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` on and above the diagonal only (``x``: [rows, d]), in strips of
+    :data:`GRAM_STRIP` rows: about half the multiply-adds of the full product for a wide ``d``.
+    :func:`_symmetrise_` fills the rest once all rows are in."""
+    x = x.to(acc)
+    d = x.shape[1]
+    if d <= GRAM_STRIP:
+        acc.addmm_(x.T, x)
+        return
+    for i in range(0, d, GRAM_STRIP):
+        acc[i:i + GRAM_STRIP, i:].addmm_(x[:, i:i + GRAM_STRIP].T, x[:, i:])
+
+
+def _symmetrise_(acc: torch.Tensor) -> None:
+    """Mirror the upper triangle below the diagonal, in place."""
+    d = acc.shape[0]
+    if d > GRAM_STRIP:
+        lower = torch.tril_indices(d, d, -1, device=acc.device)
+        acc[lower[0], lower[1]] = acc[lower[1], lower[0]]
+
+
+def _scaled_outputs(model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, tuple[str, float]]:
+    """``{lora_B name: (its base layer's name, scaling)}`` for the peft LoRA layers among
+    ``modules`` (both tracked; DoRA excluded): ``result = base(x) + lora_B(lora_A(x)) * s``, so
+    the gradient reaching ``lora_B``'s output is ``s`` times the base layer's."""
+    named = dict(model.named_modules())
+    out = {}
+    for name in modules:
+        head, sep, adapter = name.rpartition(".lora_B.")
+        base = head + ".base_layer"
+        parent = named.get(head)
+        scaling = getattr(parent, "scaling", None)
+        if not sep or base not in modules or not isinstance(scaling, dict) or adapter not in scaling:
+            continue
+        if getattr(parent, "use_dora", {}).get(adapter, False):
+            continue
+        out[name] = (base, float(scaling[adapter]))
+    return out
+
+
+def _proportional(cov_s: dict[str, torch.Tensor], candidates: dict[str, tuple[str, float]]
+                  ) -> dict[str, tuple[str, float]]:
+    """The candidates whose gradient covariance so far is ``scale^2`` times their base layer's."""
+    out = {}
+    for name, (base, scale) in candidates.items():
+        if name in cov_s and base in cov_s:
+            mine, expected = cov_s[name], cov_s[base] * (scale * scale)
+            tol = 1e-5 * float(expected.abs().max())
+            if tol > 0 and torch.allclose(mine, expected, rtol=1e-4, atol=tol):
+                out[name] = (base, scale)
+    return out
+
+
+def _eigenvectors(matrices: dict[str, torch.Tensor], modules) -> dict[str, torch.Tensor]:
+    """Eigenvectors (float64 decomposition, float32 result) of each module's matrix; modules
+    holding the same matrix object share one decomposition (and one eigenvector object)."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for name in modules:
+        m = matrices[name]
+        if id(m) not in done:
+            done[id(m)] = torch.linalg.eigh(m.double())[1].float()
+        out[name] = done[id(m)]
+    return out
 
 
 class _DrawCache(dict):

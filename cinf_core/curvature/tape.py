@@ -22,30 +22,45 @@ class LinearTape:
     """Context manager that taps ``modules`` and calls ``on_grad(name, a, g)`` during backward.
 
     ``a`` is ``[batch, seq, in(+1)]`` and ``g`` is ``[batch, seq, out]``, in float32 (float64 for a
-    float64 model), with every
-    position where ``token_mask`` is False set to zero (padding never counts, and NaNs computed at
-    padding positions cannot leak in). Set ``token_mask`` ([batch, seq] bool) before each forward;
-    ``None`` keeps every position. Call :meth:`backward` instead of ``scalar.backward()``: it only
-    asks autograd for the module-output gradients, so no ``.grad`` is written into the model.
+    float64 model). Set ``token_mask`` ([batch, seq] bool, False at padding) before each forward;
+    ``None`` keeps every position. Inputs at padding positions are set to zero (they are real
+    activations that must not enter ``sum_t a_t a_t^T``); output gradients are handed over as
+    autograd computed them: for a causal LM with right padding the gradient at a padding
+    position is exactly zero (no loss reads it and attention never looks at it), so it adds
+    nothing to ``sum_t g_t g_t^T`` or ``sum_t g_t a_t^T``. ``mask_inputs=False`` skips the input
+    masking too, for callers that only form ``sum_t g_t a_t^T`` and its products (a masking
+    pass cheaper). Call :meth:`backward` instead of ``scalar.backward()``: it only asks autograd
+    for the module-output gradients, so no ``.grad`` is written into the model.
 
-    ``mask_grads=False`` zeroes the inputs only: enough for per-example gradients
-    ``sum_t g_t a_t^T`` and their products, whose padding terms are then ``g_t 0^T = 0`` for
-    finite ``g_t`` (for a causal LM with right padding the gradient at a padding position is
-    exactly zero anyway: no loss reads it and attention never looks at it), and one masking
-    pass cheaper. Gradient covariances ``sum_t g_t g_t^T`` need the default.
+    Modules that read the same input tensor in a forward (q/k/v of an attention block, a LoRA
+    ``lora_A`` and its base layer) get the same ``a`` object, prepared once; :meth:`sharing` names
+    them, so a caller can reduce a shared input once.
+
+    ``model``: the model the modules belong to. Its input embeddings' output becomes the leaf the
+    backward runs to, so autograd visits every tapped output on the way. Without it (or when the
+    embeddings did not run before a tapped module) each tapped output gets ``+ anchor``, an exact
+    no-op whose gradient autograd is asked for instead; that costs an extra add in the forward
+    and a reduction in the backward per module.
 
     ``seconds`` sums the time spent handing gradients over (masking plus ``on_grad``), so a pass
     can be split into the model's forward/backward and the work done on the gradients.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], on_grad: GradCallback, mask_grads: bool = True):
+    def __init__(self, modules: dict[str, nn.Linear], on_grad: GradCallback, mask_inputs: bool = True,
+                 model: nn.Module | None = None):
         self.modules = modules
         self.on_grad = on_grad
-        self.mask_grads = mask_grads
+        self.mask_inputs = mask_inputs
+        self.model = model
         self.token_mask: torch.Tensor | None = None
         self._inputs: dict[str, torch.Tensor] = {}
+        self._sources: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+        self._source_of: dict[str, int] = {}
+        self._prepared: dict[tuple[int, bool], torch.Tensor] = {}
         self._handles: list = []
         self._anchor: torch.Tensor | None = None
+        self._anchor_used = False
+        self._leaves: list[torch.Tensor] = []
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self.seconds = 0.0
 
@@ -56,6 +71,9 @@ class LinearTape:
                 p.requires_grad_(True)
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        embeddings = _input_embeddings(self.model)
+        if embeddings is not None:
+            self._handles.append(embeddings.register_forward_hook(self._leaf_hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -65,18 +83,17 @@ class LinearTape:
         for p, flag in self._saved_requires_grad:
             p.requires_grad_(flag)
         self._saved_requires_grad.clear()
-        self._inputs.clear()
+        self._forget()
         self._anchor = None
 
     def start(self, token_mask: torch.Tensor | None) -> None:
         """Begin a new forward: forget the previous inputs, set the token mask [batch, seq]."""
-        self._inputs.clear()
+        self._forget()
         self.token_mask = None if token_mask is None else token_mask.bool()
         if self.token_mask is not None and bool(self.token_mask.all()):
             self.token_mask = None  # no padding in this batch (length-sorted batches): no masking
-        # Every tapped output gets ``+ anchor`` (an exact no-op); asking autograd for d/d(anchor)
-        # makes it visit every tapped output once without storing their gradients.
         self._anchor = torch.zeros((), requires_grad=True)
+        self._anchor_used = False
 
     def backward(self, scalar: torch.Tensor, retain_graph: bool = False) -> None:
         """Run the backward of ``scalar``; ``on_grad`` fires for every tapped module it reaches."""
@@ -84,7 +101,27 @@ class LinearTape:
             raise RuntimeError("LinearTape.start(mask) must be called before the forward pass")
         if not scalar.requires_grad:
             return  # no tapped module lies upstream of it: every gradient is zero
-        torch.autograd.grad(scalar, [self._anchor], retain_graph=retain_graph, allow_unused=True)
+        inputs = self._leaves + ([self._anchor] if self._anchor_used else [])
+        torch.autograd.grad(scalar, inputs, retain_graph=retain_graph, allow_unused=True)
+
+    def sharing(self, name: str) -> tuple[str, ...]:
+        """The tapped modules that read the same input tensor as ``name`` in this forward (sorted;
+        ``name`` included), whose ``a`` is the same object."""
+        return tuple(sorted(self._sources[self._source_of[name]][2]))
+
+    def _forget(self) -> None:
+        self._inputs.clear()
+        self._sources.clear()
+        self._source_of.clear()
+        self._prepared.clear()
+        self._leaves = []
+
+    def _leaf_hook(self, module: nn.Module, inputs, output):
+        if self._anchor is None or not torch.is_grad_enabled():
+            return None
+        leaf = output.detach().requires_grad_(True)
+        self._leaves.append(leaf)
+        return leaf
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Linear, inputs, output):
@@ -95,7 +132,16 @@ class LinearTape:
                     f"module {name!r} ran twice in one forward pass; per-example gradients assume each "
                     "tracked Linear is applied once (exclude shared modules from the selection)"
                 )
-            self._inputs[name] = inputs[0].detach()
+            x = inputs[0]
+            # Keyed by object identity; the entry keeps ``x`` alive, so its id is not reused.
+            source = self._sources.setdefault(id(x), (x, x.detach(), []))
+            source[2].append(name)
+            self._source_of[name] = id(x)
+            self._inputs[name] = source[1]
+            if self._leaves and output.requires_grad:
+                output.register_hook(lambda g: self._dispatch(name, module, g))
+                return None
+            self._anchor_used = True
             out = output + self._anchor.to(output.dtype)
             out.register_hook(lambda g: self._dispatch(name, module, g))
             return out
@@ -104,20 +150,30 @@ class LinearTape:
 
     def _dispatch(self, name: str, module: nn.Linear, grad: torch.Tensor) -> None:
         start = time.perf_counter()
-        a = self._inputs[name]
-        batch = a.shape[0]
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        a = a.reshape(batch, -1, a.shape[-1]).to(dtype)
-        g = grad.reshape(batch, -1, grad.shape[-1]).to(dtype)
-        if module.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        if self.token_mask is not None:
-            keep = self.token_mask.to(a.device).reshape(batch, -1, 1)
-            a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
-            if self.mask_grads:
-                g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        batch = self._inputs[name].shape[0]
+        key = (self._source_of[name], module.bias is not None)
+        a = self._prepared.get(key)
+        if a is None:
+            raw = self._inputs[name]
+            a = raw.reshape(batch, -1, raw.shape[-1]).to(torch.promote_types(raw.dtype, torch.float32))
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            if self.token_mask is not None and self.mask_inputs:
+                keep = self.token_mask.to(a.device).reshape(batch, -1, 1)
+                a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
+            self._prepared[key] = a
+        g = grad.reshape(batch, -1, grad.shape[-1]).to(a.dtype)
         self.on_grad(name, a, g)
         self.seconds += time.perf_counter() - start
+
+
+def _input_embeddings(model: nn.Module | None) -> nn.Module | None:
+    if model is None or not hasattr(model, "get_input_embeddings"):
+        return None
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def grad_shape(module: nn.Linear) -> tuple[int, int]:

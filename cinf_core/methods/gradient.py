@@ -204,7 +204,7 @@ def _loss_gradients(
             grads[name][0] += torch.einsum("bto,bti->oi", g, a).double() / n
 
     check_response_head(lm.model, collate(queries[:batch_size], lm.pad_token_id))
-    with eval_mode(lm.model), LinearTape(modules, collect, mask_grads=False) as tape:
+    with eval_mode(lm.model), LinearTape(modules, collect, mask_inputs=False, model=lm.model) as tape:
         for start in range(0, n, batch_size):
             batch = collate(queries[start: start + batch_size], lm.pad_token_id)
             offset = start
@@ -227,7 +227,7 @@ def _concept_gradients(
     def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         grads[name][current] += torch.einsum("bto,bti->oi", g, a).double()
 
-    with eval_mode(lm.model), LinearTape(modules, collect, mask_grads=False) as tape:
+    with eval_mode(lm.model), LinearTape(modules, collect, mask_inputs=False, model=lm.model) as tape:
         for start in range(0, n, batch_size):
             batch = collate(queries[start: start + batch_size], lm.pad_token_id)
             tape.start(batch["attention_mask"])
@@ -280,22 +280,26 @@ def train_scores(
 
     def score(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         if name not in q_dev:
-            q_dev[name] = queries[name].to(device=g.device, dtype=g.dtype)
-        q = q_dev[name]
+            q = queries[name].to(device=g.device, dtype=g.dtype)
+            # [out, k*in] for the token form, [out*in, k] (contiguous) for the formed G_i.
+            q_dev[name] = (q.permute(1, 0, 2).reshape(q.shape[1], -1), q.reshape(k, -1).T.contiguous())
+        by_token, flat = q_dev[name]
         batch, seq, out = g.shape
         if k == 1 or batch * out * a.shape[-1] * a.element_size() > MATERIALISE_BYTES:
             # sum_t g_t^T Q_k a_t for all k at once: [b, t, out] @ [out, k*in] -> [b, t, k, in].
-            gq = (g @ q.permute(1, 0, 2).reshape(out, -1)).view(batch, seq, k, -1)
-            s = torch.einsum("btki,bti->bk", gq, a)
+            gq = (g @ by_token).view(batch, seq, k, -1)
+            s = (gq * a.unsqueeze(2)).sum(dim=(1, 3))
         else:
-            s = torch.einsum("boi,koi->bk", torch.einsum("bto,bti->boi", g, a), q)
+            # G_i = g^T a as one batched matrix product, then one [b, out*in] @ [out*in, k] product
+            # (einsum's contraction over two axes runs several times slower here).
+            s = torch.bmm(g.transpose(1, 2), a).reshape(batch, -1) @ flat
         scores.index_add_(0, rows, s.double().cpu())
 
     start_time = time.perf_counter()
     if by_length:
         check_response_head(lm.model, collate([train[order[r]] for r in by_length[:batch_size]],
                                               lm.pad_token_id))
-    with eval_mode(lm.model), LinearTape(modules, score, mask_grads=False) as tape:
+    with eval_mode(lm.model), LinearTape(modules, score, mask_inputs=False, model=lm.model) as tape:
         for start in range(0, len(by_length), batch_size):
             batch_rows = by_length[start: start + batch_size]
             batch = collate([train[order[r]] for r in batch_rows], lm.pad_token_id)

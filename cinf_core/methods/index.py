@@ -450,7 +450,7 @@ def build_index(lm, encoded: Sequence[EncodedExample], factors: EKFACFactors, sp
 
     t0 = time.perf_counter()
     seen = 0
-    with eval_mode(lm.model), LinearTape(modules, capture) as tape:
+    with eval_mode(lm.model), LinearTape(modules, capture, model=lm.model) as tape:
         for k, c in enumerate(mine):
             if stop_after_chunks is not None and k >= stop_after_chunks:
                 break
