@@ -68,7 +68,8 @@ def prepare_influence_function(
     modules = factors.tracked_modules(lm.model)
     grads = _loss_gradients(lm, modules, queries, batch_size, per_query)
     columns = [f"query_{q}" for q in range(len(queries))] if per_query else ["test_loss"]
-    return Prepared("influence_function", modules, precondition(factors, grads), columns)
+    return Prepared("influence_function", modules,
+                    precondition(factors, grads, dtype=_compute_dtype(lm.model)), columns)
 
 
 def prepare_concept_influence(
@@ -95,7 +96,7 @@ def prepare_concept_influence(
                 f"< {c.layer}; fit factors with select_modules(below_layer={c.layer})"
             )
     grads = _concept_gradients(lm, modules, queries, concept_list, batch_size)
-    pre = {name: -q for name, q in precondition(factors, grads).items()}
+    pre = {name: -q for name, q in precondition(factors, grads, dtype=_compute_dtype(lm.model)).items()}
     return Prepared("concept_influence", modules, pre, [c.name for c in concept_list])
 
 
@@ -343,4 +344,9 @@ def _check_concepts(model: nn.Module, concepts: list[Concept]) -> None:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """Preconditioning precision: the model's, at least float32 (float64 for a float64 model)."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
 
