@@ -292,6 +292,7 @@ def test_tape_hands_over_exact_gradients_through_the_embedding_leaf(world):
             tape.start(batch["attention_mask"])
             tape.backward(response_losses(lm.model, batch).sum())
             shared = tape.sharing("model.layers.0.self_attn.q_proj")
+            assert not tape._prepared  # each masked input let go once its last reader had it
             return got, tape._anchor_used, shared
 
     leaf, anchor_used, shared = run(lm.model)

@@ -304,8 +304,11 @@ def fit_ekfac(
             for name, module in modules.items():
                 lambdas[name] = torch.zeros(grad_shape(module), dtype=torch.float32)
 
-        rotated_inputs: dict[tuple[int, int], torch.Tensor] = {}
-        rotated_grads: dict[str, torch.Tensor] = {}
+        # Per batch: rotated input tokens by shared input (and eigenbasis), dropped once the
+        # input's last reader is done; rotated output-gradient tokens of a LoRA pair, in the base
+        # layer's scale, with how many of the pair still need them.
+        rotated_inputs: dict[tuple, dict[int, torch.Tensor]] = {}
+        rotated_grads: dict[str, list] = {}
         # module -> (the base layer whose output gradient it scales, the scale)
         grad_source = {m: pair for m, pair in follows.items()}
         grad_source.update({base: (base, 1.0) for base, _ in follows.values()})
@@ -318,40 +321,50 @@ def fit_ekfac(
             out, inp = grad_shape(modules[name])
             return seq * (out * out + inp * inp) <= out * inp * (out + inp)
 
+        def tokens_first(name: str, seq: int) -> bool:
+            """Rotate ``name``'s tokens first (seq (out^2 + in^2) + seq out in multiply-adds per
+            example) or form G_n first and rotate it (seq out in + out in (out + in)), whichever
+            costs less (a low-rank LoRA matrix: the latter), not counting a side whose token
+            rotation a module sharing it (input or output gradient) makes anyway."""
+            out, inp = grad_shape(modules[name])
+            a_free = any(rotates_alone(m, seq) for m in tape.sharing(name)
+                         if m != name and bases[m][0] is bases[name][0])
+            source = grad_source.get(name)
+            g_free = source is not None and any(rotates_alone(m, seq) for m in pair_of[source[0]]
+                                                if m != name)
+            tokens = (0 if a_free else seq * inp * inp) + (0 if g_free else seq * out * out)
+            return tokens + seq * out * inp <= seq * out * inp + out * inp * (out + inp)
+
         def accumulate_lambda(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
             u_a, u_s = bases[name][0].to(a), bases[name][1].to(g)
             seq, out, inp = g.shape[1], g.shape[-1], a.shape[-1]
             # Rotated per-example gradients U_S^T G_n U_A [chunk, out, in], a few examples at a
-            # time: rotate the tokens first (seq (out^2 + in^2) + seq out in multiply-adds per
-            # example) or form G_n first and rotate it (seq out in + out in (out + in)), whichever
-            # costs less (a low-rank LoRA matrix: the latter). Modules sharing an input and its
-            # eigenbasis share the rotated input tokens; a LoRA B and its base layer share the
-            # rotated output gradient tokens (up to the scale), so both rotate tokens.
-            source = grad_source.get(name)
-            # What rotating tokens costs this module beyond its share: nothing for a side whose
-            # rotation another module (sharing its input / output gradient) makes anyway.
-            a_free = any(rotates_alone(m, seq) for m in tape.sharing(name)
-                         if m != name and bases[m][0] is bases[name][0])
-            g_free = source is not None and any(rotates_alone(m, seq) for m in pair_of[source[0]]
-                                                if m != name)
-            tokens = (0 if a_free else seq * inp * inp) + (0 if g_free else seq * out * out)
-            tokens_first = tokens + seq * out * inp <= seq * out * inp + out * inp * (out + inp)
-            if tokens_first:
-                key = (id(a), id(bases[name][0]))
-                if key not in rotated_inputs:
-                    rotated_inputs[key] = a @ u_a
-                a = rotated_inputs[key]
+            # time (see tokens_first).
+            rotate_tokens = tokens_first(name, seq)
+            if rotate_tokens:
+                shared = rotated_inputs.setdefault(tape.input_key(name), {})
+                if id(bases[name][0]) not in shared:
+                    shared[id(bases[name][0])] = a @ u_a
+                a = shared[id(bases[name][0])]
+                source = grad_source.get(name)
                 if source is None:
                     g = g @ u_s
                 else:
                     base, scale = source
                     if base not in rotated_grads:  # in the base layer's scale
-                        rotated_grads[base] = g @ u_s if scale == 1.0 else (g @ u_s) / scale
-                    g = rotated_grads[base] if scale == 1.0 else rotated_grads[base] * scale
+                        users = sum(tokens_first(m, seq) for m in pair_of[base])
+                        rotated_grads[base] = [g @ u_s if scale == 1.0 else (g @ u_s) / scale, users]
+                    entry = rotated_grads[base]
+                    g = entry[0] if scale == 1.0 else entry[0] * scale
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del rotated_grads[base]
+            if tape.last_reader():
+                rotated_inputs.pop(tape.input_key(name), None)
             chunk = max(1, LAMBDA_CHUNK_BYTES // (out * inp * a.element_size()))
             for s in range(0, g.shape[0], chunk):
                 rotated = torch.bmm(g[s: s + chunk].transpose(1, 2), a[s: s + chunk])
-                if not tokens_first:
+                if not rotate_tokens:
                     rotated = u_s.T @ rotated @ u_a
                 sq = rotated.square_().sum(0)
                 if name in lambdas:

@@ -57,6 +57,8 @@ class LinearTape:
         self._sources: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
         self._source_of: dict[str, int] = {}
         self._prepared: dict[tuple[int, bool], torch.Tensor] = {}
+        self._readers: dict[tuple[int, bool], int] = {}
+        self._last = False
         self._handles: list = []
         self._anchor: torch.Tensor | None = None
         self._anchor_used = False
@@ -109,11 +111,23 @@ class LinearTape:
         ``name`` included), whose ``a`` is the same object."""
         return tuple(sorted(self._sources[self._source_of[name]][2]))
 
+    def input_key(self, name: str) -> tuple[int, bool]:
+        """Identifies the ``a`` handed to ``name`` in this forward: equal for the modules that
+        share it, never reused by another input before :meth:`start` (the tape keeps them)."""
+        return self._source_of[name], self.modules[name].bias is not None
+
+    def last_reader(self) -> bool:
+        """Inside ``on_grad``: whether this module is the last of those sharing its ``a`` to get
+        its gradient in this backward (after it, the tape lets go of that ``a``; a caller keeping
+        something per shared input can let go too)."""
+        return self._last
+
     def _forget(self) -> None:
         self._inputs.clear()
         self._sources.clear()
         self._source_of.clear()
         self._prepared.clear()
+        self._readers.clear()
         self._leaves = []
 
     def _leaf_hook(self, module: nn.Module, inputs, output):
@@ -151,7 +165,13 @@ class LinearTape:
     def _dispatch(self, name: str, module: nn.Linear, grad: torch.Tensor) -> None:
         start = time.perf_counter()
         batch = self._inputs[name].shape[0]
-        key = (self._source_of[name], module.bias is not None)
+        key = self.input_key(name)
+        if key not in self._readers:
+            bias = module.bias is not None
+            self._readers[key] = sum((self.modules[m].bias is not None) == bias
+                                     for m in self._sources[key[0]][2])
+        self._readers[key] -= 1
+        self._last = self._readers[key] <= 0
         a = self._prepared.get(key)
         if a is None:
             raw = self._inputs[name]
@@ -163,6 +183,8 @@ class LinearTape:
                 a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
             self._prepared[key] = a
         g = grad.reshape(batch, -1, grad.shape[-1]).to(a.dtype)
+        if self._last:  # every module reading this input has had it: a masked copy is freed
+            del self._prepared[key], self._readers[key]  # (a next backward of the same forward recounts)
         self.on_grad(name, a, g)
         self.seconds += time.perf_counter() - start
 
