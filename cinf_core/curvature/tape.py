@@ -53,7 +53,6 @@ class LinearTape:
         self.mask_inputs = mask_inputs
         self.model = model
         self.token_mask: torch.Tensor | None = None
-        self._inputs: dict[str, torch.Tensor] = {}
         self._sources: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
         self._source_of: dict[str, int] = {}
         self._prepared: dict[tuple[int, bool], torch.Tensor] = {}
@@ -123,7 +122,6 @@ class LinearTape:
         return self._last
 
     def _forget(self) -> None:
-        self._inputs.clear()
         self._sources.clear()
         self._source_of.clear()
         self._prepared.clear()
@@ -141,7 +139,7 @@ class LinearTape:
         def hook(module: nn.Linear, inputs, output):
             if self._anchor is None:
                 raise RuntimeError("LinearTape.start(mask) must be called before the forward pass")
-            if name in self._inputs:
+            if name in self._source_of:
                 raise ValueError(
                     f"module {name!r} ran twice in one forward pass; per-example gradients assume each "
                     "tracked Linear is applied once (exclude shared modules from the selection)"
@@ -151,7 +149,6 @@ class LinearTape:
             source = self._sources.setdefault(id(x), (x, x.detach(), []))
             source[2].append(name)
             self._source_of[name] = id(x)
-            self._inputs[name] = source[1]
             if self._leaves and output.requires_grad:
                 output.register_hook(lambda g: self._dispatch(name, module, g))
                 return None
@@ -164,7 +161,8 @@ class LinearTape:
 
     def _dispatch(self, name: str, module: nn.Linear, grad: torch.Tensor) -> None:
         start = time.perf_counter()
-        batch = self._inputs[name].shape[0]
+        raw = self._sources[self._source_of[name]][1]
+        batch = raw.shape[0]
         key = self.input_key(name)
         if key not in self._readers:
             bias = module.bias is not None
@@ -174,7 +172,6 @@ class LinearTape:
         self._last = self._readers[key] <= 0
         a = self._prepared.get(key)
         if a is None:
-            raw = self._inputs[name]
             a = raw.reshape(batch, -1, raw.shape[-1]).to(torch.promote_types(raw.dtype, torch.float32))
             if module.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
