@@ -162,8 +162,13 @@ def results_missing(store: Store, retrain_grid=results_grid) -> list[str]:
     """What :func:`compute_results` would still compute in ``store``'s workspace (reads only),
     one phrase per trait and part (``"evil: 3 scoring runs"``, ``"evil: 19 retrain cells"``);
     empty when nothing."""
+    return missing_phrases(results_status(store, retrain_grid))
+
+
+def missing_phrases(status: dict) -> list[str]:
+    """:func:`results_missing`'s phrases from a :func:`results_status`."""
     out = []
-    for trait, part in results_status(store, retrain_grid)["traits"].items():
+    for trait, part in status["traits"].items():
         runs, cells = len(part["unscored"]), part["grid_missing"]
         if runs:
             out.append(f"{trait}: {runs} scoring run{'s' * (runs > 1)}")

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
+from ..experiments.evaluate import missing_phrases
 from ..experiments.retrain import REFERENCE_CELLS
 from ..methods.registry import method_label, method_sort_key
 
@@ -74,6 +75,13 @@ def _scored_words(traits: Mapping[str, Mapping], n_methods: int) -> str:
     return "; ".join(parts)
 
 
+def _complete(cells: pd.DataFrame | None) -> pd.DataFrame:
+    """The complete retrain cells (no rows, the columns read here, when there are none)."""
+    if cells is None or cells.empty:
+        return pd.DataFrame(columns=["trait", "method", "mode", "fraction", "seed", "experiment_id"])
+    return cells[cells["status"].fillna("complete") == "complete"]
+
+
 def _cells_words(cells: pd.DataFrame, trait: str) -> str:
     """``11 cells for evil (Remove Most 50% by …; seeds 0 and 1; with the base model and the
     model fine-tuned on all data)``."""
@@ -105,9 +113,7 @@ def results_offer(status: Mapping, cells: pd.DataFrame | None) -> ResultsOffer:
     missing.
     """
     traits: Mapping[str, Mapping] = status.get("traits", {})
-    done = pd.DataFrame(columns=["trait", "method", "mode", "fraction", "seed", "experiment_id"])
-    if cells is not None and not cells.empty:
-        done = cells[cells["status"].fillna("complete") == "complete"]
+    done = _complete(cells)
     runs_missing = {t: len(p["unscored"]) for t, p in traits.items() if p["unscored"]}
     grid_missing = {t: int(p["grid_missing"]) for t, p in traits.items() if p["grid_missing"]}
     n_runs, n_cells = sum(runs_missing.values()), sum(grid_missing.values())
@@ -116,13 +122,8 @@ def results_offer(status: Mapping, cells: pd.DataFrame | None) -> ResultsOffer:
     if not anything:
         if not (n_runs or n_cells):
             return ResultsOffer(None, None, None, fresh=True)
-        phrases = []
-        for trait in traits:
-            if trait in runs_missing:
-                phrases.append(f"{trait}: {_plural(runs_missing[trait], 'scoring run')}")
-            if trait in grid_missing:
-                phrases.append(f"{trait}: {_plural(grid_missing[trait], 'retrain cell')}")
-        todo = ("Not computed yet: " + "; ".join(phrases) + ". The results job scores every "
+        todo = ("Not computed yet: " + "; ".join(missing_phrases(status)) + ". The results job "
+                "scores every "
                 "method (the cheap ones first, each shown as soon as it is stored), computes the "
                 "SAE feature views, then a small filter-and-retrain grid (Figure 2).")
         return ResultsOffer(None, todo, "Compute the results", fresh=True)
@@ -197,10 +198,7 @@ def _computed_words(status: Mapping, cells: pd.DataFrame | None) -> str:
     else:
         scored = ", ".join(f"{t}: {n} of {_plural(n_of, 'method')} scored" if n else
                            f"{t}: no method scored" for t, n in counts.items())
-    done = pd.Series(dtype=object)
-    if cells is not None and not cells.empty:
-        done = cells.loc[cells["status"].fillna("complete") == "complete", "trait"]
-    per_trait = done.value_counts()
+    per_trait = _complete(cells)["trait"].value_counts()
     retrained = (_join([f"{_plural(int(n), 'filter-and-retrain cell')} for {t}"
                         for t, n in per_trait.items()]) if len(per_trait)
                  else "no filter-and-retrain cells")
