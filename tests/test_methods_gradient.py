@@ -148,19 +148,19 @@ def test_batch_size_does_not_change_scores(world, factors):
         np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5 * np.abs(one).max())
 
 
-def test_several_behaviours_score_the_same_in_chunks_and_token_by_token(world, factors, monkeypatch):
-    """K > 1 behaviours: each example's gradient is formed a few examples at a time for a large
-    module, or the scores are contracted token by token when forming it would not fit; both give
-    the scores of forming the whole batch at once."""
+def test_several_behaviours_score_the_same_in_blocks_and_token_by_token(world, factors, monkeypatch):
+    """K > 1 behaviours: each example's gradient is formed a block of output rows at a time; any
+    block size gives the scores of one behaviour at a time, which are contracted token by token
+    without forming the gradient."""
     from cinf_core.methods import gradient
 
-    whole = influence_function(world.lm, world.train, world.queries, factors, batch_size=8, per_query=True)
-    monkeypatch.setattr(gradient, "PRODUCT_CHUNK_BYTES", 1)  # one example at a time
-    chunked = influence_function(world.lm, world.train, world.queries, factors, batch_size=8, per_query=True)
-    monkeypatch.setattr(gradient, "MATERIALISE_BYTES", 1)  # never formed: token by token
-    by_token = influence_function(world.lm, world.train, world.queries, factors, batch_size=8, per_query=True)
-    for other in (chunked, by_token):
-        np.testing.assert_allclose(other, whole, rtol=1e-9, atol=1e-9 * np.abs(whole).max())
+    blocks = influence_function(world.lm, world.train, world.queries, factors, batch_size=8, per_query=True)
+    monkeypatch.setattr(gradient, "PRODUCT_CHUNK_BYTES", 1)  # one output row at a time
+    rows = influence_function(world.lm, world.train, world.queries, factors, batch_size=8, per_query=True)
+    np.testing.assert_allclose(rows, blocks, rtol=1e-9, atol=1e-9 * np.abs(blocks).max())
+    for q in range(2):  # one query: K = 1, the token form
+        alone = influence_function(world.lm, world.train, world.queries[q:q + 1], factors, batch_size=8)
+        np.testing.assert_allclose(blocks[:, q], alone, rtol=1e-9, atol=1e-9 * np.abs(alone).max())
 
 
 def test_per_query_columns_average_to_the_aggregate(world, factors):

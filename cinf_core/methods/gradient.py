@@ -19,8 +19,9 @@ Every method preconditions the behaviour gradient once (``prepare_*`` -> :class:
 Linear is ``G_i = sum_t g_t a_t^T``; its score against a preconditioned ``Q`` is
 ``<Q, G_i> = sum_t g_t^T Q a_t``, evaluated per token from the captured inputs ``a_t`` and output
 gradients ``g_t`` without forming ``G_i`` (one behaviour). With K > 1 behaviours the token form costs
-K times the work of forming ``G_i`` once, so ``G_i`` is formed (``[batch, out, in]``, one module at
-a time) when it fits ``MATERIALISE_BYTES``.
+K times the work of forming ``G_i`` once, so ``G_i`` is formed, a block of its rows at a time
+(``PRODUCT_CHUNK_BYTES`` for the batch's block: it stays in cache for its product with the K rows
+of ``Q``; memory does not grow with the module).
 """
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ from ..data import EncodedExample, answer_start_window, collate
 from ..models import base_config, block_index_of, check_layer, hidden_states_at
 from ..progress import ExamplesDoneFn
 
-MATERIALISE_BYTES = 256 * 2**20
-PRODUCT_CHUNK_BYTES = 16 * 2**20
+PRODUCT_CHUNK_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -190,20 +190,20 @@ def _loss_gradients(
     lm, modules: dict[str, nn.Linear], queries: Sequence[EncodedExample], batch_size: int, per_query: bool
 ) -> dict[str, torch.Tensor]:
     """``grad L_test`` per module: ``[1, out, in]`` (mean over queries) or ``[n_queries, out, in]``,
-    float64 on the model's device (preconditioning runs there too)."""
+    in the preconditioning dtype (:func:`_compute_dtype`) on the model's device (preconditioning
+    runs there too)."""
     n = len(queries)
     rows = n if per_query else 1
     device = _device(lm.model)
-    grads = {name: torch.zeros(rows, *grad_shape(m), dtype=torch.float64, device=device)
+    grads = {name: torch.zeros(rows, *grad_shape(m), dtype=_compute_dtype(lm.model), device=device)
              for name, m in modules.items()}
     offset = 0
 
     def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         if per_query:
-            per_example = torch.einsum("bto,bti->boi", g, a).double()
-            grads[name][offset: offset + per_example.shape[0]] += per_example
+            grads[name][offset: offset + g.shape[0]] += torch.bmm(g.transpose(1, 2), a)
         else:
-            grads[name][0] += torch.einsum("bto,bti->oi", g, a).double() / n
+            _add_token_products(grads[name][0], g, a, 1 / n)
 
     check_response_head(lm.model, collate(queries[:batch_size], lm.pad_token_id))
     with eval_mode(lm.model), LinearTape(modules, collect, mask_inputs=False, model=lm.model) as tape:
@@ -218,16 +218,17 @@ def _loss_gradients(
 def _concept_gradients(
     lm, modules: dict[str, nn.Linear], queries: Sequence[EncodedExample], concepts: list[Concept], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """``grad f_c`` per module for each concept: ``[n_concepts, out, in]`` (mean over queries)."""
+    """``grad f_c`` per module for each concept: ``[n_concepts, out, in]`` (mean over queries), in
+    the preconditioning dtype (:func:`_compute_dtype`)."""
     n = len(queries)
     device = _device(lm.model)
-    grads = {name: torch.zeros(len(concepts), *grad_shape(m), dtype=torch.float64, device=device)
+    grads = {name: torch.zeros(len(concepts), *grad_shape(m), dtype=_compute_dtype(lm.model), device=device)
              for name, m in modules.items()}
     layers = sorted({c.layer for c in concepts})
     current = 0
 
     def collect(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-        grads[name][current] += torch.einsum("bto,bti->oi", g, a).double()
+        _add_token_products(grads[name][current], g, a)
 
     with eval_mode(lm.model), LinearTape(modules, collect, mask_inputs=False, model=lm.model) as tape:
         for start in range(0, n, batch_size):
@@ -281,24 +282,24 @@ def train_scores(
     by_length = sorted(range(len(order)), key=lambda r: -len(train[order[r]].input_ids))
 
     def score(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-        if name not in q_dev:
-            q = queries[name].to(device=g.device, dtype=g.dtype)
-            # [out, k*in] for the token form, [out*in, k] (contiguous) for the formed G_i.
-            q_dev[name] = (q.permute(1, 0, 2).reshape(q.shape[1], -1), q.reshape(k, -1).T.contiguous())
-        by_token, flat = q_dev[name]
+        if name not in q_dev:  # Q on the gradients' device and dtype (no copy when they match)
+            q_dev[name] = queries[name].to(device=g.device, dtype=g.dtype)
+        q = q_dev[name]
         batch, seq, out = g.shape
-        if k == 1 or batch * out * a.shape[-1] * a.element_size() > MATERIALISE_BYTES:
-            # sum_t g_t^T Q_k a_t for all k at once: [b, t, out] @ [out, k*in] -> [b, t, k, in].
-            gq = (g @ by_token).view(batch, seq, k, -1)
-            s = (gq * a.unsqueeze(2)).sum(dim=(1, 3))
+        if k == 1:
+            # sum_t g_t^T Q a_t: [b, t, out] @ [out, in], times a, summed.
+            s = ((g @ q[0]) * a).sum(dim=(1, 2)).unsqueeze(1)
         else:
-            # G_i = g^T a as one batched matrix product, then one [b, out*in] @ [out*in, k] product
-            # (einsum's contraction over two axes runs several times slower here), a few examples
-            # at a time for a large module (their G_i stay in cache for the product: 40% faster
-            # on a 1536 x 576 module, 8 behaviours).
-            per = max(1, PRODUCT_CHUNK_BYTES // (out * a.shape[-1] * a.element_size()))
-            s = torch.cat([torch.bmm(g[i:i + per].transpose(1, 2), a[i:i + per]).reshape(-1, flat.shape[0]) @ flat
-                           for i in range(0, batch, per)])
+            # G_i = g^T a for a block of output rows of the whole batch (one batched matrix
+            # product), then [b, rows*in] @ [rows*in, k] with the same rows of Q (a view); each
+            # block stays in cache for its product and each Q row is read once a batch. On a
+            # 1536 x 576 module, 16 examples, 8 behaviours: 28.6 ms against 41 ms formed a few
+            # whole examples at a time; contracting token by token took 5x as long over SmolLM2's
+            # modules).
+            rows_per = max(1, PRODUCT_CHUNK_BYTES // (batch * a.shape[-1] * a.element_size()))
+            g_t = g.transpose(1, 2)
+            s = sum(torch.bmm(g_t[:, r:r + rows_per], a).reshape(batch, -1) @ q[:, r:r + rows_per].reshape(k, -1).T
+                    for r in range(0, out, rows_per))
         scores.index_add_(0, rows, s.double().cpu())
 
     start_time = time.perf_counter()
@@ -345,6 +346,12 @@ def _check_concepts(model: nn.Module, concepts: list[Concept]) -> None:
                 f"concept {c.name!r} SAE decoder bias b_dec has shape {tuple(b_dec.shape)} or non-finite "
                 f"values; it must be a finite vector of shape ({d_model},) (an SAE of this model's layer)"
             )
+
+
+def _add_token_products(out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> None:
+    """``out += scale * sum_{b,t} g_bt a_bt^T`` as one matrix product accumulated in place (15-20%
+    faster than ``einsum`` plus a float64 copy on SmolLM2's modules)."""
+    out.addmm_(g.reshape(-1, g.shape[-1]).T.to(out.dtype), a.reshape(-1, a.shape[-1]).to(out.dtype), alpha=scale)
 
 
 def _device(model: nn.Module) -> torch.device:
