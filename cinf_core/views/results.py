@@ -123,9 +123,8 @@ def results_offer(status: Mapping, cells: pd.DataFrame | None) -> ResultsOffer:
         if not (n_runs or n_cells):
             return ResultsOffer(None, None, None, fresh=True)
         todo = ("Not computed yet: " + "; ".join(missing_phrases(status)) + ". The results job "
-                "scores every "
-                "method (the cheap ones first, each shown as soon as it is stored), computes the "
-                "SAE feature views, then a small filter-and-retrain grid (Figure 2).")
+                "scores every method (the cheap ones first, each shown as soon as it is stored), "
+                "computes the SAE feature views, then a small filter-and-retrain grid (Figure 2).")
         return ResultsOffer(None, todo, "Compute the results", fresh=True)
 
     n_methods = max((len(p["scored"]) + len(p["unscored"]) for p in traits.values()), default=0)
