@@ -27,6 +27,13 @@ def _torchrun(args, timeout=900):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _failure(proc) -> str:
+    """Every rank's traceback (torchrun prefixes them ``[rankN]:``) and the launcher's tail: the
+    tail alone shows only the survivor's broken connection, not the rank that failed first."""
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
+    return "\n".join(ranks[-80:]) + "\n...\n" + proc.stderr[-1500:]
+
+
 def _small_workspace(quick_world, path, n=48):
     """The quick world with a 48-example training set (keeps the EK-FAC fits short)."""
     ws = copy_workspace(quick_world, path)
@@ -45,7 +52,7 @@ def test_two_ranks_equal_one_process(quick_world, tmp_path):
     for run_id in store.runs()["run_id"]:
         store._drop_run(run_id)  # keeps the cached generations, so PD compares like with like
     proc = _torchrun([str(DRIVER), str(dist_ws), "--dataset", "train-small", "--methods", *METHODS])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     ref = Store(single)
     for method, run_id in expected.items():
         info = store.run(run_id)  # same run id: the same request
@@ -57,6 +64,19 @@ def test_two_ranks_equal_one_process(quick_world, tmp_path):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale, err_msg=method)
     shards = sorted((dist_ws / "artifacts" / "shards").iterdir())
     assert len(shards) == len(METHODS)
+
+
+def test_a_late_rank_still_scores_its_shard(quick_world, tmp_path):
+    """Rank 1 opens the plan after rank 0 has finished shard 0 (random scores in no time): it
+    must still score shard 1, from the list rank 0 made before anyone started."""
+    ws = _small_workspace(quick_world, tmp_path / "ws", n=16)
+    proc = _torchrun([str(DRIVER), str(ws), "--dataset", "train-small", "--methods", "random",
+                      "--late-rank", "1"])
+    assert proc.returncode == 0, _failure(proc)
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {s["rank"]: s["shards_scored_here"] for s in summaries} == {0: [0], 1: [1]}
+    info = Store(ws).run(summaries[0]["run_id"])
+    assert info["status"] == "complete" and info["n_done"] == info["n_total"] == 16
 
 
 def test_killed_rank_rerun_scores_only_missing_shard(quick_world, tmp_path):
@@ -74,7 +94,7 @@ def test_killed_rank_rerun_scores_only_missing_shard(quick_world, tmp_path):
     before = (shard_dir / "shard-0.parquet").stat().st_mtime_ns
     proc = _torchrun(["-m", "cinf_core", "score", "--method", "vector_filter", "--trait", "evil",
                       "--batch-size", "8", "--workspace", str(ws), "--no-progress"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     assert (shard_dir / "shard-0.parquet").stat().st_mtime_ns == before  # not recomputed
     assert (shard_dir / "shard-1.parquet").exists()
     assert not (shard_dir / "shard-1.partial.json").exists()

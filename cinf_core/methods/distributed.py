@@ -126,16 +126,18 @@ def score_distributed(workspace, cfg: ScoreConfig, progress: ProgressFn = None) 
     if existing == "complete":
         return {**summary, "cached": True}
     shard_dir = paths.artifact_dir(workspace, paths.SHARDS_DIR, p.run_id)
-    if comm.rank == 0:
-        ShardPlan.open(shard_dir, p.n_total, comm.world)
-    comm.barrier()
+    # Rank 0 creates the plan and lists the shards still to score, once, before any rank
+    # starts: every rank assigns from that one list (a rank listing them itself would miss
+    # the shards a faster rank had finished meanwhile, and shift the round-robin).
+    todo = ShardPlan.open(shard_dir, p.n_total, comm.world).missing() if comm.rank == 0 else None
+    todo = comm.broadcast_object(todo)
     shard_plan = ShardPlan.open(shard_dir, p.n_total, comm.world)
-    mine = shard_plan.assigned(comm.rank, comm.world)
+    mine = ShardPlan.assigned(todo, comm.rank, comm.world)
     ctx = ScoringContext(store, p, todo=[i for k in mine for i in shard_plan.indices(k)],
                          progress=progress, comm=comm,
                          save_generations=shard_plan.save_generations,
                          device=str(comm.device) if comm.device.type == "cuda" else None)
-    needs_all = p.method.collective and bool(shard_plan.missing())
+    needs_all = p.method.collective and bool(todo)
     scorer = p.method.prepare(ctx) if (mine or needs_all) else None
     timings = ctx.timings
     t = time.perf_counter()

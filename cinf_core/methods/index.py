@@ -421,10 +421,14 @@ def build_index(lm, encoded: Sequence[EncodedExample], factors: EKFACFactors, sp
     n = len(encoded)
     n_chunks = (n + CHUNK - 1) // CHUNK
     rank0 = comm is None or comm.rank == 0
+    todo = None
     if rank0:
         _prepare_folder(directory, factors, spec, n, n_chunks)
+        todo = [c for c in range(n_chunks) if not np.load(directory / DONE_FILE)[c]]
     if comm is not None:
-        comm.barrier()
+        # One list of the chunks left, made before any rank starts: a rank reading DONE_FILE
+        # itself after a faster rank finished a chunk would get a shifted share and skip one.
+        todo = comm.broadcast_object(todo)
     index = open_index(directory)
     proj = {k: v.to(_device(lm.model)) for k, v in index.projections().items()}
     modules = factors.tracked_modules(lm.model)
@@ -434,7 +438,6 @@ def build_index(lm, encoded: Sequence[EncodedExample], factors: EKFACFactors, sp
     matrix = index.matrix(writable=True)
     done = np.load(directory / DONE_FILE, mmap_mode="r+")
     order = length_order(encoded)
-    todo = [c for c in range(n_chunks) if not done[c]]
     mine = todo if comm is None else todo[comm.rank::comm.world]
     total_todo = sum(min(CHUNK, n - c * CHUNK) for c in todo)
     width = index.width

@@ -65,9 +65,14 @@ class ShardPlan:
         """Shards a rank started and never finished (it died)."""
         return [k for k in self.missing() if self._marker(k).exists()]
 
-    def assigned(self, rank: int, world: int) -> list[int]:
-        """The missing shards rank ``rank`` of ``world`` should score (round-robin)."""
-        return self.missing()[rank::world]
+    @staticmethod
+    def assigned(missing: list[int], rank: int, world: int) -> list[int]:
+        """The shards of ``missing`` rank ``rank`` of ``world`` should score (round-robin).
+
+        ``missing`` must be one snapshot shared by every rank: a rank that lists the missing
+        shards itself, after a faster rank has already finished one, gets a shifted list and
+        leaves a shard unscored."""
+        return list(missing)[rank::world]
 
     def start(self, shard: int, rank: int) -> None:
         self._marker(shard).write_text(json.dumps({"status": "running", "rank": rank,
