@@ -73,7 +73,9 @@ def test_app_starts_the_results_job_once(tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: 0)
     monkeypatch.setattr(world, "build_world", lambda ws, quick=False, progress=None: {})
-    monkeypatch.setattr(evaluate, "results_missing", lambda store: ["evil: 8 scoring runs"])
+    unscored = {"scored": [], "unscored": evaluate.result_methods()[:8], "grid_missing": 0}
+    monkeypatch.setattr(evaluate, "results_status", lambda store: {
+        "traits": {"evil": unscored}, "grid": None, "retrain_unavailable": None, "sae": False})
     monkeypatch.setattr(jobs, "start_job", lambda ws, kind, args: started.append(kind) or "j")
     assert main(["app", "--workspace", str(tmp_path), "--no-progress"]) == 0
     assert started == ["results"] and "evil: 8 scoring runs" in capsys.readouterr().err

@@ -256,7 +256,7 @@ def results_on_open(missing: Sequence[str], status: Mapping, cells: pd.DataFrame
 def app_results_action(store) -> OpenAction:
     """:func:`results_on_open` for ``store``'s workspace (a results job whose runner is gone is
     marked failed on the way, see :func:`~cinf_core.jobs.active_jobs`)."""
-    from ..experiments.evaluate import results_missing, results_status
+    from ..experiments.evaluate import missing_phrases, results_status
     from ..jobs import ACTIVE, active_jobs
 
     running = active_jobs(store, ("results",))
@@ -267,5 +267,5 @@ def app_results_action(store) -> OpenAction:
         ended = frame[(frame["kind"] == "results") & ~frame["status"].isin(ACTIVE)]
         if not ended.empty:
             last = store.job(ended["job_id"].iloc[0])
-    return results_on_open(results_missing(store), results_status(store), store.retrain_cells(),
-                           [], last)
+    status = results_status(store)
+    return results_on_open(missing_phrases(status), status, store.retrain_cells(), [], last)
