@@ -218,7 +218,8 @@ def job_state(store, job_id: str, stale_after_s: float = 10.0) -> dict:
             error = f"{STALE_ERROR}; see {job_log_path(store.workspace, job_id)}"
             if store.read_only:
                 return {**job, "status": "failed", "error": error}
-            store.update_job(job_id, status="failed", error=error)
+            # only if it is still active: its runner may have ended it since the read above
+            store.update_job(job_id, if_status=ACTIVE, status="failed", error=error)
             job = store.job(job_id)
     return job
 
@@ -265,7 +266,8 @@ def cancel_job(workspace, job_id: str) -> None:
             os.killpg(int(job["pid"]), signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    store.update_job(job_id, status="cancelled", message="cancelled by the user")
+    # a job that finished between the read above and the signal keeps its ending
+    store.update_job(job_id, if_status=ACTIVE, status="cancelled", message="cancelled by the user")
 
 
 def log_tail(workspace, job_id: str, n_lines: int = 30) -> str:

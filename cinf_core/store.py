@@ -818,16 +818,25 @@ class Store:
                         [job_id, kind, json.dumps(args), _now(), _now()])
         return job_id
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
+    def update_job(self, job_id: str, *, if_status: Sequence[str] | None = None,
+                   **fields: Any) -> bool:
+        """Set ``fields`` of the job; with ``if_status``, only while its status is one of those
+        (checked in the same statement: a job that ended meanwhile keeps its ending). Returns
+        whether the row was changed."""
         allowed = {"status", "progress", "message", "pid", "result", "error"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         values = [json.dumps(v) if k == "result" else v for k, v in fields.items()]
+        where, params = "job_id = ?", [job_id]
+        if if_status is not None:
+            where += f" AND status IN ({', '.join('?' for _ in if_status)})"
+            params += list(if_status)
         with self._connect() as con:
-            con.execute(f"UPDATE jobs SET {sets}, updated_at = ? WHERE job_id = ?",
-                        [*values, _now(), job_id])
+            changed = con.execute(f"UPDATE jobs SET {sets}, updated_at = ? WHERE {where}",
+                                  [*values, _now(), *params]).fetchone()
+        return bool(changed and changed[0])
 
     def job(self, job_id: str) -> dict:
         frame = self._query_df("SELECT * FROM jobs WHERE job_id = ?", [job_id])

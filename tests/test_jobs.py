@@ -135,6 +135,27 @@ def test_stale_job_is_marked_failed(tmp_path):
     assert jobs.job_interrupted(job) and jobs.job_interrupted(store.job(job_id))
 
 
+def test_a_job_that_ends_while_it_is_judged_stale_keeps_its_ending(tmp_path, monkeypatch):
+    """The runner writes "done" and exits between job_state's read (running, old, its pid then
+    gone) and its write: the job stays done, not "failed"; a cancel in the same window leaves
+    it done too."""
+    store = Store(tmp_path)
+    job_id = store.create_job("datasets", {})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_job(job_id, status="running", pid=dead.pid)
+    seen = store.job(job_id)  # what both read before the runner's last write
+    store.update_job(job_id, status="done", progress=1.0, message="done")
+    monkeypatch.setattr(Store, "job", lambda self, jid: dict(seen) if jid == job_id else None)
+    assert jobs.job_state(store, job_id, stale_after_s=0.0)["status"] == "running"  # its old read
+    jobs.cancel_job(tmp_path, job_id)
+    monkeypatch.undo()
+    job = store.job(job_id)
+    assert job["status"] == "done" and job["error"] is None
+    assert not store.update_job(job_id, if_status=jobs.ACTIVE, status="failed")
+    assert store.update_job(job_id, if_status=("done",), message="still done")
+
+
 def test_a_command_killed_by_a_signal_is_an_interrupted_job(tmp_path, monkeypatch):
     """A signal (the OOM killer's SIGKILL) ends the command: the row says so, not whatever its
     last stderr line was, and the job counts as interrupted; a job that failed with an error of
