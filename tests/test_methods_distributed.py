@@ -22,8 +22,9 @@ METHODS = ["vector_filter", "projection_difference", "random", "lexical", "grad_
 
 def _torchrun(args, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), *args]
+    # --standalone: torchrun picks a free port itself (a fixed one can be taken on a shared host)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

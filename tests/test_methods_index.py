@@ -356,8 +356,8 @@ def test_torchrun_ranks_share_the_build(workspace, tmp_path, capsys):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", CINF_THREADS="1", PYTHONPATH=str(root))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(29500 + os.getpid() % 1000 + 7), "-m", "cinf_core", "index", "--workspace", str(ws),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cinf_core", "index", "--workspace", str(ws),
          "--dim", "64", "--max-length", "64", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]

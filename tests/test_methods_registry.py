@@ -166,8 +166,8 @@ def test_toy_method_runs_under_torchrun(workspace, plugin_dir, toy_registered, t
     import shutil
 
     ws = shutil.copytree(workspace, tmp_path / "ws")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "cinf_core", "score",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cinf_core", "score",
            "--method", "response_length", "--trait", "evil", "--workspace", str(ws), "--no-progress"]
     proc = subprocess.run(cmd, env=_env(plugin_dir), capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
