@@ -427,6 +427,22 @@ def test_shared_factors_save_and_load(tmp_path):
         assert torch.equal(loaded.modules[name].eigvecs_a, m.eigvecs_a)
         assert torch.equal(loaded.modules[name].eigvecs_s, m.eigvecs_s)
         assert torch.equal(loaded.modules[name].eigvals, m.eigvals)
+    # A second fit of the same cache key saved with keep_existing (the cache's way: another
+    # process may be loading the folder) leaves the first one in place and no temporary folder;
+    # a plain save replaces it.
+    import dataclasses
+
+    name = next(iter(factors.modules))
+    other = dataclasses.replace(factors, modules={**factors.modules, name: dataclasses.replace(
+        factors.modules[name], eigvals=factors.modules[name].eigvals + 1.0)})
+    other.save(tmp_path / "f", keep_existing=True)
+    assert torch.equal(EKFACFactors.load(tmp_path / "f").modules[name].eigvals,
+                       factors.modules[name].eigvals)
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+    other.save(tmp_path / "f")
+    assert torch.equal(EKFACFactors.load(tmp_path / "f").modules[name].eigvals,
+                       other.modules[name].eigvals)
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_fit_does_not_depend_on_batch_size(world, monkeypatch):

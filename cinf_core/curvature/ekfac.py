@@ -104,8 +104,12 @@ class EKFACFactors:
             "below_layer": self.below_layer,
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` + ``factors.json`` into ``directory`` (atomically)."""
+    def save(self, directory: str | os.PathLike, keep_existing: bool = False) -> Path:
+        """Write ``factors.safetensors`` + ``factors.json`` into ``directory`` (atomically).
+
+        ``keep_existing``: if ``directory`` holds factors by the time these are written (another
+        process fitted the same cache key meanwhile), keep those and discard these, instead of
+        deleting the folder under a process that may be loading it."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -126,9 +130,18 @@ class EKFACFactors:
             tensors[f"{name}::eigvals"] = own(f.eigvals)
         save_file(tensors, str(tmp / FACTORS_FILE))
         (tmp / FACTORS_META_FILE).write_text(json.dumps(self.meta(), indent=2))
+        if keep_existing and (directory / FACTORS_META_FILE).exists():
+            shutil.rmtree(tmp)
+            return directory
         if directory.exists():
             shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another writer's folder arrived between the rmtree and the rename
+            if not (keep_existing and (directory / FACTORS_META_FILE).exists()):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(tmp)
         return directory
 
     @classmethod
@@ -559,14 +572,17 @@ def load_or_fit_factors(
         model_id = lm.spec.model_id
     modules = select_modules(lm.model, cfg, below_layer=below_layer)
     directory = Path(cache_dir) / factors_key(model_id, dataset_id, cfg, list(modules))
-    if (directory / FACTORS_META_FILE).exists():
+    cached = (directory / FACTORS_META_FILE).exists()
+    if comm is not None:  # every rank takes rank 0's answer: a cache another process writes
+        cached = comm.broadcast_object(cached)  # meanwhile must not split the ranks' paths
+    if cached:
         factors = EKFACFactors.load(directory)
         factors.config = cfg
         return factors
     factors = fit_factors(lm, examples, cfg, below_layer=below_layer, progress=progress, comm=comm)
     factors.model_id, factors.dataset_id = model_id, dataset_id
     if comm is None or comm.rank == 0:
-        factors.save(directory)
+        factors.save(directory, keep_existing=True)  # the key fixes the fit: the first one stays
     if comm is not None:
         comm.barrier()
     return factors

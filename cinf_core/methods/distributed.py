@@ -122,7 +122,9 @@ def score_distributed(workspace, cfg: ScoreConfig, progress: ProgressFn = None) 
     p = plan(store, cfg)
     summary = {"run_id": p.run_id, "method": p.method.key, "trait": cfg.trait,
                "n_examples": p.n_total, "world_size": comm.world, "rank": comm.rank}
-    existing = store.run_status(p.run_id)
+    # rank 0's answer for every rank: another process may complete the run between the ranks'
+    # reads, and a rank that returned would leave the others waiting in a collective
+    existing = comm.broadcast_object(store.run_status(p.run_id) if comm.rank == 0 else None)
     if existing == "complete":
         return {**summary, "cached": True}
     shard_dir = paths.artifact_dir(workspace, paths.SHARDS_DIR, p.run_id)

@@ -511,7 +511,7 @@ def _check_values(buf: np.ndarray, dtype: str, members: Sequence[int]) -> None:
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
-    tmp = directory / (META_FILE + ".tmp")
+    tmp = paths.temp_for(directory / META_FILE)
     tmp.write_text(json.dumps(meta, indent=1, default=str))
     os.replace(tmp, directory / META_FILE)
 
@@ -700,10 +700,15 @@ def build_workspace_index(workspace, *, model: str = "finetuned", dataset: str =
                           curvature=curvature, below_layer=below_layer, seed=seed, dtype=dtype,
                           whiten=whiten)
     directory = index_root(workspace) / spec.key
-    if (directory / META_FILE).exists():
+    built = None
+    if (comm is None or comm.rank == 0) and (directory / META_FILE).exists():
         existing = open_index(directory)
         if existing.complete and existing.key == spec.key:
-            return {**existing.summary(), "cached": True}
+            built = existing.summary()
+    if comm is not None:  # rank 0's answer for every rank (the ranks must take the same path)
+        built = comm.broadcast_object(built)
+    if built is not None:
+        return {**built, "cached": True}
     t0 = time.perf_counter()
     lm = cached_model(store.get_model(model)["spec"])
     if spec.below_layer is not None:
