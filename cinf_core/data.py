@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import paths
+
 MAX_REPORTED_ERRORS = 20
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -268,7 +270,7 @@ def write_jsonl(examples: Iterable[ChatExample | dict], path: str | os.PathLike)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = paths.temp_for(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         for ex in examples:
             row = ex.to_row() if isinstance(ex, ChatExample) else ex

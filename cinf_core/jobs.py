@@ -140,7 +140,7 @@ def job_input_file(workspace, text: str, suffix: str = ".txt") -> Path:
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = paths.artifact_dir(workspace, paths.JOBS_DIR, "inputs") / f"{digest}{suffix}"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
+        tmp = paths.temp_for(path)
         tmp.write_text(text)
         os.replace(tmp, path)
     return path.resolve()

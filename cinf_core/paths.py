@@ -38,3 +38,12 @@ def artifact_dir(workspace: str | os.PathLike | None, *parts: str) -> Path:
     path = workspace_path(workspace).joinpath(ARTIFACTS_DIR, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def temp_for(path: str | os.PathLike) -> Path:
+    """A hidden temporary file beside ``path``, this process's own (``.name.<pid>.tmp``): write
+    it, then ``os.replace`` it onto ``path``. Two processes writing the same file at once (two
+    ranks, a job and a page) each have their own, so neither renames the other's half-written
+    one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -405,7 +405,7 @@ class Store:
         for key, value in (extra_tensors or {}).items():
             tensors[key] = value.detach().to(torch.float32).cpu()
         out = paths.artifact_dir(self.workspace, paths.CONCEPTS_DIR) / f"{concept_id}.safetensors"
-        tmp = out.with_suffix(".tmp")
+        tmp = paths.temp_for(out)
         save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, out)
         rel = str(out.relative_to(self.workspace))

@@ -87,7 +87,7 @@ def compute_feature_data(workspace, lm: LoadedModel, sae_name: str, dataset: str
     vocab_strings = [lm.tokenizer.decode([t]) for t in range(vocab)]
     labels = feature_labels(vocab_strings, token_max, k=5)
     out = _matrix_path(workspace, sae_row["sae_id"], ds_info["dataset_id"])
-    tmp = out.with_suffix(".tmp")
+    tmp = paths.temp_for(out)
     save_file({"mean_act": mean_act.contiguous(), "max_act": max_act.contiguous()}, str(tmp))
     os.replace(tmp, out)
     k = min(top_k, n)

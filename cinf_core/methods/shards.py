@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import paths
+
 PLAN_FILE = "plan.json"
 
 
@@ -40,7 +42,7 @@ class ShardPlan:
             return cls(directory, n_total, int(plan["n_shards"]))
         if n_shards < 1:
             raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-        tmp = plan_path.with_suffix(".tmp")
+        tmp = paths.temp_for(plan_path)
         tmp.write_text(json.dumps({"n_total": n_total, "n_shards": n_shards}))
         os.replace(tmp, plan_path)
         return cls(directory, n_total, n_shards)
@@ -85,10 +87,13 @@ class ShardPlan:
                              f"{len(expected)}")
         frame = pd.DataFrame({"idx": np.asarray(indices, dtype=np.int64),
                               "score": np.asarray(scores, dtype=np.float64)})
-        tmp = self.directory / f".shard-{shard}.parquet.tmp"
+        tmp = paths.temp_for(self._parquet(shard))
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, self._parquet(shard))
-        (self.directory / f"shard-{shard}.timings.json").write_text(json.dumps(timings))
+        timings_path = self.directory / f"shard-{shard}.timings.json"
+        tmp = paths.temp_for(timings_path)  # whole or absent: `merge` parses every one
+        tmp.write_text(json.dumps(timings))
+        os.replace(tmp, timings_path)
         self._marker(shard).unlink(missing_ok=True)
 
     def read(self) -> pd.DataFrame:
@@ -117,7 +122,7 @@ class ShardPlan:
         frame = pd.DataFrame({"model_id": model_id, "gen_key": gen_key,
                               "idx": np.asarray(indices, dtype=np.int64), "response": responses})
         name = f"gen-{os.getpid()}-{min(indices)}.parquet"
-        tmp = self.directory / f".{name}.tmp"
+        tmp = paths.temp_for(self.directory / name)
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, self.directory / name)
 
