@@ -5,7 +5,7 @@ The runner stores scores at most every ``FLUSH_S`` seconds of work and Influence
 128 examples per call: on the tests' tiny model a whole run is one write, so a kill would land
 before it or after it and never between stored chunks. Here every chunk of 4 examples is stored
 as soon as it is scored (Vector Filter's chunks are its batches: pass ``--batch-size``), and the
-marks ``claimed`` and ``stored`` (lines ``fault-driver: ...`` on stderr, or messages on a
+marks ``claimed``, ``stored`` and ``held`` (another process holds the run) (lines ``fault-driver: ...`` on stderr, or messages on a
 multiprocessing connection) let a test kill the process at a chosen point without polling the
 store. With ``FAULT_PAUSE_AFTER=N`` and ``FAULT_GATE=PATH`` in the environment the process holds
 after its N-th store until PATH exists (a test fills the disk meanwhile). Nothing else changes: the command line is the CLI's.
@@ -36,7 +36,15 @@ def run(argv: list[str], marks=None) -> int:
         else:
             marks.send(what)
 
-    claim, add_scores = runner._claim, store.RunHandle.add_scores
+    claim, add_scores, begin_run = runner._claim, store.RunHandle.add_scores, store.Store.begin_run
+    held = [False]
+
+    def begun(*args, **kwargs):  # "held" once: another live process holds the run; we wait
+        handle = begin_run(*args, **kwargs)
+        if handle.held_by is not None and not held[0]:
+            held[0] = True
+            say("held")
+        return handle
 
     def claimed(*args, **kwargs):
         handle, waited_for = claim(*args, **kwargs)
@@ -58,6 +66,7 @@ def run(argv: list[str], marks=None) -> int:
     runner.FLUSH_S = 0.0
     InfluenceFunction.chunk = 4
     runner._claim = claimed
+    store.Store.begin_run = begun
     store.RunHandle.add_scores = stored
     os.environ.setdefault("CINF_THREADS", "1")
     return main(argv)

@@ -301,10 +301,26 @@ def test_pages_read_while_a_score_run_and_a_retrain_grid_write(workspace, monkey
 # ---------------------------------------------------------------- two identical commands
 
 
-def test_two_identical_score_commands_score_the_run_once(workspace):
+def _until_mark(proc, mark: str) -> None:
+    """Read ``proc``'s stderr until fault_driver's line ``mark`` (the process is then there)."""
+    for line in proc.stderr:
+        if line.strip() == f"fault-driver: {mark}":
+            return
+    raise AssertionError(f"the process ended (exit {proc.wait()}) before saying {mark!r}")
+
+
+def test_two_identical_score_commands_score_the_run_once(workspace, tmp_path):
+    """The second command starts while the first holds the run (it has stored its first scores
+    and waits at a gate until the second says it is waiting): one computes, one waits and
+    returns the same run."""
     t0 = time.perf_counter()
     argv = _score_argv("influence_function")
-    first, second = _start(workspace, *argv), _start(workspace, *argv)
+    gate = tmp_path / "second-is-waiting"
+    first = _start(workspace, *argv, env={"FAULT_PAUSE_AFTER": "1", "FAULT_GATE": str(gate)})
+    _until_mark(first, "stored")
+    second = _start(workspace, *argv)
+    _until_mark(second, "held")
+    gate.touch()
     results = [_finish(first), _finish(second)]
     assert results[0]["run_id"] == results[1]["run_id"]
     computed = [r for r in results if not r["cached"]]
