@@ -138,10 +138,9 @@ class EKFACFactors:
         try:
             os.replace(tmp, directory)
         except OSError:  # another writer's folder arrived between the rmtree and the rename
+            shutil.rmtree(tmp, ignore_errors=True)
             if not (keep_existing and (directory / FACTORS_META_FILE).exists()):
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            shutil.rmtree(tmp)
         return directory
 
     @classmethod
